@@ -1,0 +1,1 @@
+"""neardup: near-duplicate image detection on Spark, FAISS and MLflow."""

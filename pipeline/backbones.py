@@ -1,0 +1,264 @@
+"""The backbone registry: which CNN, its input size, its preprocessing, and how to load it.
+
+Importing this module does not import TensorFlow (config validation and the driver's
+argument checks use the registry); :func:`load_embedding_model` does, on first use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_MODES = ("tf", "torch", "caffe", "lite", "raw")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights are neither in the Keras cache nor downloadable."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    constructor: str  # attribute of keras.applications
+    input_size: int
+    preprocess: str  # one of PREPROCESS_MODES
+    kwargs: tuple = ()  # extra constructor kwargs, as sorted (key, value) pairs
+    fixed_input: bool = False  # True: the network only accepts input_size x input_size
+
+
+# The nine networks of the reference study, plus three newer ones and the MobileNet width
+# variants whose ImageNet weights ship with the test data.
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec("vgg16", "VGG16", 224, "caffe"),
+        BackboneSpec("vgg19", "VGG19", 224, "caffe"),
+        BackboneSpec("resnet50", "ResNet50", 224, "caffe"),
+        BackboneSpec("densenet121", "DenseNet121", 224, "torch"),
+        BackboneSpec("densenet169", "DenseNet169", 224, "torch"),
+        BackboneSpec("densenet201", "DenseNet201", 224, "torch"),
+        BackboneSpec("nasnetmobile", "NASNetMobile", 224, "tf", fixed_input=True),
+        BackboneSpec("mobilenet", "MobileNet", 224, "tf", (("alpha", 1.0),)),
+        BackboneSpec("inceptionresnetv2", "InceptionResNetV2", 299, "tf"),
+        BackboneSpec("mobilenetv2", "MobileNetV2", 224, "tf", (("alpha", 1.0),)),
+        # These two scale their own inputs (include_preprocessing=True): feed raw 0..255.
+        BackboneSpec("efficientnetv2b0", "EfficientNetV2B0", 224, "raw"),
+        BackboneSpec("convnexttiny", "ConvNeXtTiny", 224, "raw"),
+        BackboneSpec("mobilenet-0.25", "MobileNet", 224, "tf", (("alpha", 0.25),)),
+        BackboneSpec("mobilenetv2-0.35", "MobileNetV2", 224, "tf", (("alpha", 0.35),)),
+    ]
+}
+
+STUDY_BACKBONES = ("vgg16", "vgg19", "resnet50", "densenet121", "densenet169", "densenet201",
+                   "nasnetmobile", "mobilenet", "inceptionresnetv2")
+
+
+def is_model_file(backbone: str) -> bool:
+    return backbone.endswith(".keras")
+
+
+def validate_spec(backbone: str, weights: str, preprocess: str | None) -> None:
+    """Cheap checks, no TensorFlow: unknown names and missing files fail here."""
+    from pipeline.config import ConfigError
+
+    if is_model_file(backbone):
+        if "://" not in backbone and not Path(backbone).is_file():
+            raise ConfigError(f"embed.backbone: model file not found: {backbone}")
+    elif backbone not in REGISTRY:
+        raise ConfigError(
+            f"unknown backbone {backbone!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a .keras model file"
+        )
+    if preprocess is not None and preprocess not in PREPROCESS_MODES:
+        raise ConfigError(f"embed.preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+    if weights not in ("imagenet", "none") and not is_model_file(backbone):
+        if "://" not in weights and not Path(weights).is_file():
+            raise ConfigError(f"embed.weights must be imagenet, none or an existing weights file, got {weights!r}")
+
+
+def input_size_of(backbone: str, override: int | None = None) -> int:
+    if override:
+        return int(override)
+    if is_model_file(backbone):
+        return 224
+    return REGISTRY[backbone].input_size
+
+
+def preprocess_mode_of(backbone: str, override: str | None = None) -> str:
+    if override:
+        return override
+    if is_model_file(backbone):
+        return "tf"
+    return REGISTRY[backbone].preprocess
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras looks for downloaded weights (same rule as keras.utils.get_file)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    if not os.access(home if os.path.exists(home) else os.path.dirname(home), os.W_OK):
+        home = os.path.join("/tmp", ".keras")
+    return Path(home) / "models"
+
+
+# ------------------------------------------------------------------ loading
+@dataclass(frozen=True)
+class ModelKey:
+    backbone: str
+    weights: str
+    layer: str | None
+    preprocess: str
+    input_size: int
+    pooling: str = "avg"
+
+
+class EmbeddingModel:
+    """A Keras backbone wrapped as uint8 images -> L2-normalised float32 embeddings.
+
+    Scaling, the CNN, pooling and normalisation all run in one compiled TensorFlow graph,
+    so on a GPU executor only uint8 pixels cross the bus.
+    """
+
+    def __init__(self, key: ModelKey):
+        import tensorflow as tf
+
+        self.key = key
+        features = _build_feature_model(key)
+        self.dim = int(features.output_shape[-1])
+        mode = key.preprocess
+
+        @tf.function(input_signature=[tf.TensorSpec([None, key.input_size, key.input_size, 3], tf.uint8)],
+                     reduce_retracing=True)
+        def embed(batch):
+            x = scale_pixels(tf.cast(batch, tf.float32), mode)
+            y = features(x, training=False)
+            if len(y.shape) == 4:  # a feature map: pool it here
+                y = tf.reduce_mean(y, axis=[1, 2]) if key.pooling == "avg" else tf.reduce_max(y, axis=[1, 2])
+            return tf.math.l2_normalize(tf.cast(y, tf.float32), axis=-1)
+
+        self._embed = embed
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._embed(batch).numpy()
+
+
+def scale_pixels(x, mode: str):
+    """The backbone's expected input scaling, on a float tensor of 0..255 RGB."""
+    import tensorflow as tf
+
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "torch":
+        mean = tf.constant([0.485, 0.456, 0.406]) * 255.0
+        std = tf.constant([0.229, 0.224, 0.225]) * 255.0
+        return (x - mean) / std
+    if mode == "caffe":
+        return x[..., ::-1] - tf.constant([103.939, 116.779, 123.68])
+    if mode == "lite":
+        return (x - 127.0) / 128.0
+    if mode == "raw":
+        return x
+    raise ValueError(f"unknown preprocess mode {mode!r}")
+
+
+def _build_feature_model(key: ModelKey):
+    import keras
+
+    if is_model_file(key.backbone):
+        return _feature_model_from_file(key.backbone, key.layer)
+    spec = REGISTRY[key.backbone]
+    weights = None if key.weights == "none" else key.weights
+    constructor: Callable = getattr(keras.applications, spec.constructor)
+    kwargs = dict(spec.kwargs)
+    side = spec.input_size if spec.fixed_input else key.input_size
+    try:
+        return constructor(include_top=False, weights=weights, input_shape=(side, side, 3), pooling=None, **kwargs)
+    except Exception as exc:  # keras raises a bare Exception on a failed download
+        if weights == "imagenet" and ("URL fetch failure" in str(exc) or "fetch" in str(exc).lower()):
+            raise WeightsUnavailableError(
+                f"ImageNet weights for backbone {key.backbone!r} are not in the Keras cache "
+                f"({keras_cache_dir()}) and could not be downloaded ({exc}). Either run once with internet "
+                f"access, or copy the Keras weight file into $KERAS_HOME/models/ (default ~/.keras/models/), "
+                f"or pass --weights /path/to/weights.h5, or use --weights none for timing only."
+            ) from exc
+        raise
+
+
+def _feature_model_from_file(path: str, layer_name: str | None):
+    """A user's .keras file, cut at ``layer_name`` or at its last global-pooling layer."""
+    import keras
+
+    # safe_mode refuses Lambda layers with pickled Python code inside the file.
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    if layer_name:
+        try:
+            layer = model.get_layer(layer_name)
+        except ValueError as exc:
+            raise ValueError(f"layer {layer_name!r} not found in {path}; layers: "
+                             f"{', '.join(l.name for l in model.layers[-8:])} ...") from exc
+    else:
+        pools = [l for l in model.layers
+                 if isinstance(l, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))]
+        if not pools:
+            raise ValueError(f"{path} has no global pooling layer; name the embedding layer with embed.layer")
+        layer = pools[-1]
+    return keras.Model(model.inputs, layer.output, name=f"{Path(path).stem}_at_{layer.name}")
+
+
+_MODEL_CACHE: dict[ModelKey, EmbeddingModel] = {}
+
+
+def load_embedding_model(key: ModelKey) -> EmbeddingModel:
+    """Load once per Python process: Spark reuses its Python workers across tasks."""
+    model = _MODEL_CACHE.get(key)
+    if model is None:
+        configure_tensorflow_devices()
+        log.info("loading backbone %s (weights=%s)", key.backbone, key.weights)
+        model = _MODEL_CACHE[key] = EmbeddingModel(key)
+    return model
+
+
+_DEVICES_CONFIGURED = False
+
+
+def configure_tensorflow_devices() -> None:
+    """Pin TensorFlow to the GPU that Spark assigned to this task, with memory growth.
+
+    Without this every Python worker on a multi-GPU executor would grab all GPUs' memory.
+    Must run before TensorFlow touches a GPU, hence before the first model load.
+    """
+    global _DEVICES_CONFIGURED
+    if _DEVICES_CONFIGURED:
+        return
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        assigned = _spark_task_gpu_addresses()
+        if assigned:
+            wanted = [g for g in gpus if g.name.rsplit(":", 1)[-1] in assigned] or gpus[:1]
+            tf.config.set_visible_devices(wanted, "GPU")
+            gpus = wanted
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # already initialised by an earlier caller in this process
+                pass
+        log.info("TensorFlow uses GPU(s) %s", [g.name for g in gpus])
+    _DEVICES_CONFIGURED = True
+
+
+def _spark_task_gpu_addresses() -> list[str]:
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return []
+    ctx = TaskContext.get()
+    if ctx is None:
+        return []
+    resource = ctx.resources().get("gpu")
+    return list(resource.addresses) if resource is not None else []

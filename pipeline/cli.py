@@ -1,0 +1,153 @@
+"""Command line: ``neardup <job> [options]`` and the ``jobs/*.py`` spark-submit entry points.
+
+Every job takes ``--conf FILE`` (YAML, default conf/default.yaml), repeatable
+``--set key=value`` overrides and ``--workdir``; job options are shorthands for config keys.
+The config is loaded and validated before Spark starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from pipeline.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# option -> (config key, argparse kwargs)
+COMMON = {
+    "--workdir": ("workdir", {}),
+    "--master": ("spark.master", {}),
+}
+BACKBONE = {
+    "--backbone": ("embed.backbone", {}),
+    "--weights": ("embed.weights", {}),
+}
+JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "ingest": {"--input": ("ingest.input", {"nargs": "+"})},
+    "embed": {**BACKBONE, "--layer": ("embed.layer", {}), "--batch-size": ("embed.batch_size", {"type": int})},
+    "index": {**BACKBONE, "--type": ("index.type", {}), "--shards": ("index.shards", {"type": int})},
+    "dedup": {**BACKBONE, "--threshold": ("dedup.threshold", {"type": float}), "--k": ("dedup.k", {"type": int})},
+    "evaluate": {
+        "--dataset": ("evaluate.dataset", {}),
+        "--input": ("evaluate.input", {}),
+        "--backbones": ("evaluate.backbones", {}),
+        "--json-out": ("evaluate.json_out", {}),
+        "--weights": ("embed.weights", {}),
+        "--threshold": ("dedup.threshold", {"type": float}),
+    },
+    "run": {
+        "--input": ("ingest.input", {"nargs": "+"}),
+        **BACKBONE,
+        "--threshold": ("dedup.threshold", {"type": float}),
+        "--k": ("dedup.k", {"type": int}),
+    },
+}
+HELP = {
+    "ingest": "list image files and write the image table",
+    "embed": "embed the image table with a CNN backbone",
+    "index": "build the sharded FAISS index from the embedding table",
+    "dedup": "search all images against the index; write pairs and groups",
+    "evaluate": "score backbones on UKBench or Holidays",
+    "run": "ingest, embed, index and dedup in one go",
+}
+
+
+def build_parser(jobs: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neardup", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="job", required=True)
+    for job in jobs:
+        p = sub.add_parser(job, help=HELP.get(job, job))
+        add_job_arguments(p, job)
+    demo = sub.add_parser("demo", help="build a small corpus with known near-duplicates and run the pipeline on it")
+    demo.add_argument("--workdir", default="demo-work")
+    demo.add_argument("--master", default=None)
+    return parser
+
+
+def add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    p.add_argument("--conf", default=None, help="YAML config (default: conf/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    for option, (key, kwargs) in {**COMMON, **JOB_OPTIONS[job]}.items():
+        p.add_argument(option, dest=key, default=None, help=f"sets {key}", **kwargs)
+
+
+def config_from_args(job: str, args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    for option, (key, _) in {**COMMON, **JOB_OPTIONS[job]}.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        elif isinstance(value, str) and key != "evaluate.backbones":
+            value = json.dumps(value)  # keep strings strings ("none", "1.0" ...) through YAML parsing
+        overrides.append(f"{key}={value}")
+    return Config.load(args.conf, overrides)
+
+
+def job_function(job: str) -> Callable:
+    from pipeline import evaluate, workflow
+
+    return {
+        "ingest": workflow.ingest_job,
+        "embed": workflow.embed_job,
+        "index": workflow.index_job,
+        "dedup": workflow.dedup_job,
+        "evaluate": evaluate.evaluate,
+        "run": workflow.run_job,
+    }[job]
+
+
+def run_job(job: str, config: Config) -> Any:
+    """Validate, start (or reuse) Spark, run one job."""
+    from pipeline import workflow
+    from pipeline.session import spark_session
+
+    config.validate()
+    if job in ("ingest", "run"):
+        workflow.validate_inputs(config)
+    with spark_session(config) as spark:
+        return job_function(job)(spark, config)
+
+
+def job_main(job: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jobs/<job>.py`` (also under spark-submit)."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=HELP[job])
+    add_job_arguments(parser, job)
+    return _guarded(lambda: run_job(job, config_from_args(job, parser.parse_args(argv))))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``neardup`` console command."""
+    parser = build_parser(list(JOB_OPTIONS))
+    args = parser.parse_args(argv)
+    if args.job == "demo":
+        from pipeline import demo
+
+        return _guarded(lambda: demo.run_demo(args.workdir, args.master))
+    return _guarded(lambda: run_job(args.job, config_from_args(args.job, args)))
+
+
+def _guarded(action: Callable[[], Any]) -> int:
+    from pipeline.backbones import WeightsUnavailableError
+    from pipeline.workflow import TooManyErrors
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        action()
+    except (ConfigError, WeightsUnavailableError, FileNotFoundError) as exc:
+        print(f"neardup: error: {exc}", file=sys.stderr)
+        return 2
+    except TooManyErrors as exc:
+        print(f"neardup: too many bad input files: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

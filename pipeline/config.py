@@ -1,0 +1,279 @@
+"""One typed configuration object, built from YAML plus ``--set key=value`` overrides.
+
+Everything a job needs is in :class:`Config`; nothing is read from globals. The config is
+validated before any Spark work starts so that a typo fails in a second, not after an
+hour of embedding (the img2dataset ``arguments_validator`` pattern).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+DEFAULT_CONF_PATH = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+
+INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+WEIGHTS_SPECIAL = ("imagenet", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the value."""
+
+
+@dataclass
+class SparkSettings:
+    master: str = "local[*]"
+    app_name: str = "neardup"
+    # Extra Spark properties, passed through untouched (spark.executor.resource.gpu.amount ...).
+    conf: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IngestSettings:
+    input: list[str] = field(default_factory=list)
+    # Bounded shard size keeps a single Parquet file readable by one task on a small executor.
+    max_shard_bytes: int = 128 * 1024 * 1024
+    max_pixels: int = 178_956_970
+    follow_symlinks: bool = True
+
+
+@dataclass
+class EmbedSettings:
+    backbone: str = "mobilenet"
+    weights: str = "imagenet"
+    # For a user's own .keras file: which layer gives the embedding (default: last global pooling).
+    layer: str | None = None
+    # For a user's own .keras file: how its inputs are scaled (tf | torch | caffe | lite | raw).
+    preprocess: str | None = None
+    input_size: int | None = None
+    batch_size: int = 32
+    # Rows per Arrow batch handed to the UDF; a multiple of batch_size avoids ragged model calls.
+    arrow_batch_rows: int = 256
+    # A test hook for fault-tolerance tests: the first attempt of the task whose partition
+    # holds this image id kills its Python worker once (see pipeline.embed).
+    fail_once_on_image: str | None = None
+
+
+@dataclass
+class IndexSettings:
+    type: str = "flat"
+    shards: int = 2
+    nlist: int = 0  # 0: derived from the number of vectors (about 4*sqrt(n))
+    pq_m: int = 16
+    pq_bits: int = 8
+    hnsw_m: int = 32
+    nprobe: int = 16
+    ef_search: int = 128
+    train_sample: int = 100_000
+    use_gpu: str = "auto"  # auto | never | always
+
+
+@dataclass
+class DedupSettings:
+    threshold: float = 0.88
+    k: int = 20
+
+
+@dataclass
+class EvaluateSettings:
+    dataset: str = "ukbench"
+    input: str | None = None
+    backbones: list[str] = field(default_factory=lambda: ["mobilenet"])
+    json_out: str | None = None
+
+
+@dataclass
+class MlflowSettings:
+    # None: a sqlite store inside the workdir (the embedded default).
+    tracking_uri: str | None = None
+    experiment: str = "neardup"
+
+
+@dataclass
+class Config:
+    workdir: str = "work"
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    dedup: DedupSettings = field(default_factory=DedupSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    max_error_fraction: float = 0.05
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> "Config":
+        """Read YAML ``path`` (default ``conf/default.yaml``) and apply ``key.sub=value`` overrides."""
+        conf_path = Path(path) if path else DEFAULT_CONF_PATH
+        raw: dict[str, Any] = {}
+        if conf_path.exists():
+            with open(conf_path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        elif path:
+            raise ConfigError(f"config file not found: {conf_path}")
+        for item in overrides:
+            key, value = parse_override(item)
+            set_dotted(raw, key, value)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
+        return _build(cls, raw, prefix="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, **dotted: Any) -> "Config":
+        """A copy with ``section__key=value`` style overrides (for code, not users)."""
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            set_dotted(raw, key.replace("__", "."), value)
+        return Config.from_dict(raw)
+
+    # --------------------------------------------------------------- validate
+    def validate(self) -> "Config":
+        """Raise :class:`ConfigError` naming the first bad value; return self when all is well."""
+        from pipeline import backbones  # local import: the registry pulls no TensorFlow
+
+        if not self.workdir:
+            raise ConfigError("workdir must be set")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ConfigError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction!r}")
+        if not -1.0 <= self.dedup.threshold <= 1.0:
+            raise ConfigError(f"dedup.threshold is a cosine similarity in [-1, 1], got {self.dedup.threshold!r}")
+        if self.dedup.k < 1:
+            raise ConfigError(f"dedup.k must be >= 1, got {self.dedup.k!r}")
+        if self.index.type not in INDEX_TYPES:
+            raise ConfigError(f"index.type must be one of {', '.join(INDEX_TYPES)}, got {self.index.type!r}")
+        if self.index.shards < 1:
+            raise ConfigError(f"index.shards must be >= 1, got {self.index.shards!r}")
+        if self.index.use_gpu not in ("auto", "never", "always"):
+            raise ConfigError(f"index.use_gpu must be auto, never or always, got {self.index.use_gpu!r}")
+        if self.embed.batch_size < 1:
+            raise ConfigError(f"embed.batch_size must be >= 1, got {self.embed.batch_size!r}")
+        if self.ingest.max_pixels < 1:
+            raise ConfigError(f"ingest.max_pixels must be >= 1, got {self.ingest.max_pixels!r}")
+        if self.ingest.max_shard_bytes < 1024:
+            raise ConfigError(f"ingest.max_shard_bytes must be >= 1024, got {self.ingest.max_shard_bytes!r}")
+        backbones.validate_spec(self.embed.backbone, self.embed.weights, self.embed.preprocess)
+        if self.evaluate.dataset not in ("ukbench", "holidays"):
+            raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
+        return self
+
+    # ------------------------------------------------------------- derived
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        from pipeline.store import local_path_of
+
+        local = local_path_of(self.workdir)
+        if local is None:
+            raise ConfigError(
+                "mlflow.tracking_uri must be set when workdir is not on the local filesystem "
+                f"(workdir={self.workdir!r}); use a tracking server or a sqlite file on local disk"
+            )
+        return "sqlite:///" + str(Path(local).resolve() / "mlflow.db")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    # YAML parsing gives numbers, booleans and lists for free (--set evaluate.backbones=[a,b]).
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc}") from exc
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}; known keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    hints = _resolved_types(cls)
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, typ, value)
+    return cls(**kwargs)
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, args[0], v) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value

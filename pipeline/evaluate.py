@@ -1,0 +1,150 @@
+"""The ``evaluate`` job: the pipeline on a labelled dataset, scored like the reference study.
+
+UKBench: N-S score (top-4, query included). Holidays: mAP over the ``XXXX00`` queries, each
+query removed from its own ranking. Both: precision and recall of the dedup pairs at the
+configured threshold. One MLflow parent run, one nested run per backbone.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from pipeline import backbones, dedup as dd, metrics as M, schemas as S, store, tracking, workflow
+from pipeline.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# mAP is computed over the top results only; enough for every relevant image in these sets.
+MAX_RANKING = 1000
+
+
+@dataclass
+class GroundTruth:
+    dataset: str
+    group_of: dict[str, str]  # filename -> group
+    queries: list[str] = field(default_factory=list)  # holidays only
+
+    def relevant(self) -> dict[str, list[str]]:
+        members: dict[str, list[str]] = {}
+        for name, group in self.group_of.items():
+            members.setdefault(group, []).append(name)
+        return {q: [m for m in members[self.group_of[q]] if m != q] for q in self.queries}
+
+
+def load_ground_truth(dataset: str, input_dir: str) -> GroundTruth:
+    """Read ``groundtruth.csv`` (the format of ../shared/data)."""
+    path = os.path.join(store.local_path_of(input_dir) or input_dir, "groundtruth.csv")
+    if not os.path.exists(path):
+        raise ConfigError(f"{dataset}: no groundtruth.csv in {input_dir}")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    group_of = {r["filename"]: str(r["group"]) for r in rows}
+    queries = [r["filename"] for r in rows if r.get("is_query") == "1"]
+    if dataset == "holidays" and not queries:
+        raise ConfigError(f"holidays ground truth in {path} has no is_query=1 rows")
+    return GroundTruth(dataset, group_of, queries)
+
+
+def score(dataset: str, truth: GroundTruth, rankings: dict[str, list[str]]) -> dict[str, float]:
+    if dataset == "ukbench":
+        return {"ns_score": M.ns_score(rankings, truth.group_of, top=4)}
+    return {"map": M.mean_average_precision(rankings, truth.relevant())}
+
+
+def collect_rankings(neighbors, name_of: dict[str, str]) -> dict[str, list[str]]:
+    """kNN rows -> {query filename: [neighbour filenames by rank]} (evaluation sets are small)."""
+    rankings: dict[str, list[tuple[int, str]]] = {}
+    for r in neighbors.select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK).toLocalIterator():
+        rankings.setdefault(name_of[r[S.QUERY_ID]], []).append((r[S.RANK], name_of[r[S.NEIGHBOR_ID]]))
+    return {q: [n for _, n in sorted(v)] for q, v in rankings.items()}
+
+
+def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
+    ev = config.evaluate
+    if not ev.input:
+        raise ConfigError("evaluate needs --input DIR (a dataset folder with groundtruth.csv)")
+    truth = load_ground_truth(ev.dataset, ev.input)
+    config = config.with_overrides(ingest__input=[ev.input])
+    results: list[dict[str, Any]] = []
+    with tracking.mlflow_run(config, f"evaluate-{ev.dataset}", tags={"job": "evaluate", "dataset": ev.dataset}):
+        ingest_metrics = workflow.ingest_stage(spark, config)
+        images = store.read_table(spark, store.Workdir.of(config.workdir).images, "image table")
+        name_of = {r[S.IMAGE_ID]: posixpath.basename(r[S.PATH]) for r in images.select(S.IMAGE_ID, S.PATH).collect()}
+        n_images = sum(1 for name in name_of.values() if name in truth.group_of)
+        for backbone in ev.backbones:
+            cfg = config.with_overrides(embed__backbone=backbone)
+            cfg.validate()
+            results.append(_evaluate_backbone(spark, cfg, truth, name_of, n_images, ingest_metrics))
+        table = format_table(results)
+        print(table)
+        tracking.log_text_artifact(table, "comparison.txt")
+        tracking.log_dict_artifact(results, "results.json")
+    if ev.json_out:
+        store.write_json(store.absolute_uri(ev.json_out), results)
+    return results
+
+
+def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str, str], n_images: int,
+                       ingest_metrics: dict[str, Any]) -> dict[str, Any]:
+    backbone = cfg.embed.backbone
+    with tracking.mlflow_run(cfg, store.tag_of(backbone), nested=True, tags={"backbone": backbone}) as run:
+        import mlflow
+
+        mlflow.log_params({
+            "backbone": backbone, "weights": cfg.embed.weights,
+            "input_size": backbones.input_size_of(backbone, cfg.embed.input_size),
+            "pooling": "avg", "index_type": cfg.index.type, "threshold": cfg.dedup.threshold,
+            "spark_master": spark.sparkContext.master, "dataset": cfg.evaluate.dataset,
+        })
+        m: dict[str, Any] = {}
+        m.update(workflow.embed_stage(spark, cfg))
+        m.update(workflow.index_stage(spark, cfg))
+        k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
+        neighbors = dd.search_neighbors(spark, cfg, k)
+        rankings = collect_rankings(neighbors, name_of)
+        rankings = {q: [n for n in v if n in truth.group_of] for q, v in rankings.items() if q in truth.group_of}
+        scores = score(cfg.evaluate.dataset, truth, rankings)
+        m.update(workflow.dedup_stage(spark, cfg))
+        workdir = store.Workdir.of(cfg.workdir)
+        pairs = store.read_table(spark, workdir.pairs(backbone), "pairs table").collect()
+        predicted = [(name_of[r[S.IMAGE_ID_A]], name_of[r[S.IMAGE_ID_B]]) for r in pairs]
+        precision, recall = M.pair_precision_recall(predicted, M.true_pairs(truth.group_of))
+        scores.update({"pair_precision": precision, "pair_recall": recall})
+        tracking.log_metrics(scores)
+        return {
+            "dataset": cfg.evaluate.dataset,
+            "method": backbone,
+            "weights": cfg.embed.weights,
+            "images": n_images,
+            "queries": len(truth.queries) if cfg.evaluate.dataset == "holidays" else len(rankings),
+            **scores,
+            "threshold": cfg.dedup.threshold,
+            "embed_seconds": m["embed_seconds"],
+            "images_per_second": m["images_per_second"],
+            "index_seconds": m["index_seconds"],
+            "dedup_seconds": m["dedup_seconds"],
+            "ingest_seconds": ingest_metrics["ingest_seconds"],
+            "embedding_dim": m["embedding_dim"],
+            "mlflow_run_id": run.info.run_id,
+        }
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The reference study's backbone table: method, accuracy, speed."""
+    header = f"{'method':<22} {'dataset':<9} {'images':>6} {'N-S':>6} {'mAP':>6} {'P@thr':>6} {'R@thr':>6} {'img/s':>7} {'embed s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        ns = f"{r['ns_score']:.3f}" if "ns_score" in r else "-"
+        mp = f"{r['map']:.3f}" if "map" in r else "-"
+        lines.append(
+            f"{store.tag_of(r['method']):<22} {r['dataset']:<9} {r['images']:>6} {ns:>6} {mp:>6} "
+            f"{r['pair_precision']:>6.3f} {r['pair_recall']:>6.3f} {r['images_per_second']:>7.1f} {r['embed_seconds']:>8.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""The workdir: where each table lives, and how a table is committed.
+
+Commit protocol: a table is written to a run-unique staging folder next to its final place
+and moved there by rename once Spark has finished writing it (Spark writes ``_SUCCESS``
+last). A reader only accepts a folder that has ``_SUCCESS``, so an interrupted job can never
+leave a half-written table that a later job mistakes for a complete one; rerunning a job
+replaces the table whole, so reruns never duplicate rows.
+
+Paths may be local or any Hadoop filesystem URI. Spark tables go through Hadoop's
+FileSystem (the same one Spark uses), small files (index shards, ``index.json``) through
+``pyarrow.fs`` so executors can read and write them without the JVM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def absolute_uri(path: str) -> str:
+    """Make a local path absolute so every executor (whatever its cwd) resolves it the same."""
+    if "://" in path:
+        return path.rstrip("/")
+    return "file://" + str(Path(path).expanduser().resolve())
+
+
+def local_path_of(uri: str) -> str | None:
+    """The local filesystem path of ``uri`` (plain path, file:// or Hadoop's file:/), else None."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith("file:"):
+        return uri[len("file:"):]
+    if "://" in uri:
+        return None
+    return uri
+
+
+def tag_of(method: str) -> str:
+    """A filesystem-safe folder name for a backbone or method (a .keras path becomes its stem)."""
+    name = Path(method).stem if method.endswith(".keras") else method
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: str  # absolute URI
+
+    @classmethod
+    def of(cls, path: str) -> "Workdir":
+        return cls(absolute_uri(path))
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # One folder per table; per-method tables are keyed by the method's tag.
+    @property
+    def images(self) -> str:
+        return self.join("images")
+
+    def embeddings(self, method: str) -> str:
+        return self.join("embeddings", tag_of(method))
+
+    def index_dir(self, method: str) -> str:
+        return self.join("index", tag_of(method))
+
+    def pairs(self, method: str) -> str:
+        return self.join("pairs", tag_of(method))
+
+    def groups(self, method: str) -> str:
+        return self.join("groups", tag_of(method))
+
+    def neighbors(self, method: str) -> str:
+        return self.join("neighbors", tag_of(method))
+
+
+# ------------------------------------------------------------ Spark tables
+def _hadoop_fs(spark: SparkSession, uri: str):
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(uri)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def path_exists(spark: SparkSession, uri: str) -> bool:
+    fs, hpath = _hadoop_fs(spark, uri)
+    return bool(fs.exists(hpath))
+
+
+def is_committed(spark: SparkSession, uri: str) -> bool:
+    return path_exists(spark, uri.rstrip("/") + "/" + SUCCESS_MARKER)
+
+
+def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = None,
+                partition_by: list[str] | None = None) -> None:
+    """Write ``df`` as Parquet to ``uri`` through a staging folder and commit by rename."""
+    spark = df.sparkSession
+    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
+    writer = df.write.mode("errorifexists")
+    if max_records_per_file:
+        writer = writer.option("maxRecordsPerFile", int(max_records_per_file))
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    try:
+        writer.parquet(staging)
+    except BaseException:
+        remove(spark, staging)
+        raise
+    commit_folder(spark, staging, uri)
+
+
+def commit_folder(spark: SparkSession, staging: str, uri: str) -> None:
+    """Replace ``uri`` by ``staging``: old table aside, new one in, old one deleted."""
+    fs, final = _hadoop_fs(spark, uri)
+    jvm = spark.sparkContext._jvm
+    fs.mkdirs(final.getParent())
+    old = None
+    if fs.exists(final):
+        old = jvm.org.apache.hadoop.fs.Path(f"{uri}.old-{uuid.uuid4().hex[:12]}")
+        if not fs.rename(final, old):
+            raise IOError(f"could not move the previous table {uri} aside")
+    if not fs.rename(jvm.org.apache.hadoop.fs.Path(staging), final):
+        if old is not None:
+            fs.rename(old, final)
+        raise IOError(f"could not commit {staging} to {uri}")
+    if old is not None:
+        fs.delete(old, True)
+    log.info("committed %s", uri)
+
+
+def remove(spark: SparkSession, uri: str) -> None:
+    fs, hpath = _hadoop_fs(spark, uri)
+    if fs.exists(hpath):
+        fs.delete(hpath, True)
+
+
+def read_table(spark: SparkSession, uri: str, what: str) -> DataFrame:
+    """Read a committed table; a missing or half-written one is a clear error, not empty data."""
+    if not is_committed(spark, uri):
+        raise FileNotFoundError(
+            f"the {what} at {uri} does not exist or was not completely written; run the job that makes it first"
+        )
+    return spark.read.parquet(uri)
+
+
+def clean_stale_staging(spark: SparkSession, parent: str) -> None:
+    """Delete staging folders that an interrupted job left behind (they were never committed)."""
+    fs, hpath = _hadoop_fs(spark, parent)
+    if not fs.exists(hpath):
+        return
+    for status in fs.listStatus(hpath):
+        name = status.getPath().getName()
+        if ".staging-" in name or ".old-" in name:
+            fs.delete(status.getPath(), True)
+            log.info("removed stale %s", status.getPath().toString())
+
+
+# ------------------------------------------------------------- small files
+def _arrow_fs(uri: str):
+    from pyarrow import fs as pafs
+
+    local = local_path_of(uri)
+    if local is not None:
+        return pafs.LocalFileSystem(), os.path.abspath(local)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a small file atomically: temp name, then rename (faiss contrib big_batch_search)."""
+    fs, path = _arrow_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _arrow_fs(uri)
+    with fs.open_input_stream(path) as src:
+        return src.read()
+
+
+def file_exists(uri: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fs, path = _arrow_fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))

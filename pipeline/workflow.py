@@ -1,0 +1,160 @@
+"""The jobs as functions: each validates, runs its stage(s) in Spark and logs one MLflow run.
+
+``jobs/*.py`` and the ``neardup`` command call exactly one of the ``*_job`` functions.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import dedup as dd
+from pipeline import embed as em
+from pipeline import index as ix
+from pipeline import ingest as ing
+from pipeline import schemas as S, store, tracking
+from pipeline.config import Config, ConfigError
+from pipeline.timing import timed
+
+log = logging.getLogger(__name__)
+
+
+class TooManyErrors(RuntimeError):
+    """More input files failed than ``max_error_fraction`` allows."""
+
+
+# ------------------------------------------------------------- validation
+def validate_inputs(config: Config) -> None:
+    """Checks that need the filesystem but not Spark; run before the session starts."""
+    if not config.ingest.input:
+        raise ConfigError("no input: pass --input DIR (or set ingest.input)")
+    for uri in config.ingest.input:
+        local = store.local_path_of(uri)
+        if local is not None and not os.path.exists(local):
+            raise ConfigError(f"input not found: {uri}")
+        if local is not None and not os.access(local, os.R_OK):
+            raise ConfigError(f"input not readable: {uri}")
+
+
+# ------------------------------------------------------------------ stages
+def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    with timed("ingest", metrics):
+        report = ing.ingest(spark, config)
+    metrics.update({
+        "files_total": report.total,
+        **{f"files_{status}": report.by_status.get(status, 0) for status in S.STATUSES},
+        "error_fraction": report.error_fraction,
+    })
+    tracking.log_metrics(metrics)
+    tracking.log_dict_artifact({"by_status": report.by_status, "top_errors": report.top_errors},
+                               "ingest_report.json")
+    print(format_ingest_report(report))
+    if report.error_fraction > config.max_error_fraction:
+        raise TooManyErrors(
+            f"{report.by_status.get(S.STATUS_ERROR, 0)} of {report.total} files could not be read "
+            f"({report.error_fraction:.1%} > max_error_fraction {config.max_error_fraction:.1%}); "
+            f"most common reasons: {'; '.join(f'{r} ({n})' for r, n in report.top_errors[:3])}"
+        )
+    return metrics
+
+
+def format_ingest_report(report: ing.IngestReport) -> str:
+    lines = [f"files: {report.total}  " + "  ".join(f"{s}: {report.by_status.get(s, 0)}" for s in S.STATUSES)]
+    for reason, count in report.top_errors:
+        # repr(): a file name from the archive is shown as data, control characters escaped.
+        lines.append(f"  {count:>6}  {reason!r}")
+    return "\n".join(lines)
+
+
+def embed_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    with timed("model_load_driver", metrics):
+        metrics["embedding_dim"] = em.check_model_loads(config)
+    with timed("embed", metrics):
+        counts = em.embed(spark, config)
+    embedded = counts.get(S.STATUS_OK, 0)
+    metrics.update({"images_embedded": embedded, "embed_errors": counts.get(S.STATUS_ERROR, 0),
+                    "images_per_second": embedded / metrics["embed_seconds"] if metrics["embed_seconds"] else 0.0})
+    tracking.log_metrics(metrics)
+    return metrics
+
+
+def index_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    with timed("index", metrics):
+        info = ix.build_index(spark, config)
+    metrics.update({"index_vectors": info.meta["count"], "index_shards": len(info.meta["shards"])})
+    tracking.log_metrics(metrics)
+    tracking.log_dict_artifact(info.meta, "index.json")
+    return metrics
+
+
+def dedup_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    with timed("dedup", metrics):
+        counts = dd.dedup(spark, config)
+    metrics.update(counts)
+    tracking.log_metrics(metrics)
+    return metrics
+
+
+# -------------------------------------------------------------------- jobs
+def ingest_job(spark: SparkSession, config: Config) -> dict[str, Any]:
+    with tracking.mlflow_run(config, "ingest", tags={"job": "ingest"}):
+        return ingest_stage(spark, config)
+
+
+def embed_job(spark: SparkSession, config: Config) -> dict[str, Any]:
+    with tracking.mlflow_run(config, f"embed-{store.tag_of(config.embed.backbone)}", tags={"job": "embed"}):
+        return embed_stage(spark, config)
+
+
+def index_job(spark: SparkSession, config: Config) -> dict[str, Any]:
+    with tracking.mlflow_run(config, f"index-{store.tag_of(config.embed.backbone)}", tags={"job": "index"}):
+        return index_stage(spark, config)
+
+
+def dedup_job(spark: SparkSession, config: Config) -> dict[str, Any]:
+    with tracking.mlflow_run(config, f"dedup-{store.tag_of(config.embed.backbone)}", tags={"job": "dedup"}):
+        metrics = dedup_stage(spark, config)
+        print_groups(spark, config)
+        return metrics
+
+
+def run_job(spark: SparkSession, config: Config) -> dict[str, Any]:
+    """ingest -> embed -> index -> dedup, one MLflow run with every stage's metrics."""
+    with tracking.mlflow_run(config, f"run-{store.tag_of(config.embed.backbone)}", tags={"job": "run"}) as run:
+        metrics: dict[str, Any] = {}
+        metrics.update(ingest_stage(spark, config))
+        metrics.update(embed_stage(spark, config))
+        metrics.update(index_stage(spark, config))
+        metrics.update(dedup_stage(spark, config))
+        print_groups(spark, config)
+        metrics["mlflow_run_id"] = run.info.run_id
+        return metrics
+
+
+def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:
+    """A short, human-readable view of the groups; the full tables are in the workdir."""
+    workdir = store.Workdir.of(config.workdir)
+    groups = store.read_table(spark, workdir.groups(config.embed.backbone), "groups table")
+    images = store.read_table(spark, workdir.images, "image table").select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT)
+    rows = (groups.join(images, S.IMAGE_ID)
+            .orderBy(F.desc(S.GROUP_SIZE), S.GROUP_ID, F.desc(S.KEEP), S.PATH)
+            .limit(limit * 10).collect())
+    shown = 0
+    current = None
+    for r in rows:
+        if r[S.GROUP_ID] != current:
+            if shown == limit:
+                break
+            current = r[S.GROUP_ID]
+            shown += 1
+            print(f"group {r[S.GROUP_ID]} ({r[S.GROUP_SIZE]} images)")
+        mark = "keep  " if r[S.KEEP] else "remove"
+        print(f"  {mark} {r[S.WIDTH]}x{r[S.HEIGHT]}  {r[S.PATH]!r}")
+    print(f"tables: {workdir.pairs(config.embed.backbone)}, {workdir.groups(config.embed.backbone)}")

@@ -1,0 +1,40 @@
+"""neardup: near-duplicate image detection with Spark, Keras CNN embeddings, FAISS and MLflow."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def pinned(*names):
+    """Exact versions from the single lock file, constraints.txt."""
+    lock = {}
+    for line in (HERE / "constraints.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+        if m:
+            lock[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return [f"{n}=={lock[n.lower().replace('_', '-').split('[')[0]]}" for n in names]
+
+
+setup(
+    name="neardup",
+    version="0.1.0",
+    description=__doc__,
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pipeline", "pipeline.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=pinned(
+        "pyspark", "pyarrow", "numpy", "pandas", "keras", "petastorm", "mlflow", "pillow",
+        "PyYAML", "scikit-image", "ImageHash", "opencv-python-headless", "scikit-learn", "Jinja2",
+    ),
+    extras_require={
+        # TensorFlow and FAISS come in a CPU and a GPU build that provide the same modules:
+        # install exactly one of these two extras.
+        "cpu": pinned("tensorflow-cpu", "faiss-cpu"),
+        "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
+        "dev": pinned("pytest"),
+    },
+    entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
+)
