@@ -218,7 +218,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; known keys under "
+            f"unknown config key '{prefix}{unknown[0]}'; known keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs: dict[str, Any] = {}

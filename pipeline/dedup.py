@@ -89,11 +89,14 @@ def connected_components(pairs: DataFrame, max_iterations: int = 100) -> DataFra
     for round_no in range(max_iterations):
         from_neighbors = edges.join(labels, edges.src == labels.node).select(F.col("dst").alias("node"), "label")
         propagated = labels.union(from_neighbors).groupBy("node").agg(F.min("label").alias("label"))
-        hop = propagated.alias("p").join(propagated.alias("q"), F.col("p.label") == F.col("q.node"))
-        jumped = hop.select(F.col("p.node").alias("node"), F.least("p.label", "q.label").alias("label"))
-        jumped = jumped.localCheckpoint()
-        changed = (jumped.alias("n").join(labels.alias("o"), "node")
-                   .where(F.col("n.label") != F.col("o.label")).limit(1).count())
+        # Renamed copies, not aliases: Spark mis-resolves a self-join of an aggregate.
+        label_of_label = propagated.select(F.col("node").alias("hop"), F.col("label").alias("hop_label"))
+        jumped = (propagated.join(label_of_label, propagated.label == label_of_label.hop)
+                  .select("node", F.least("label", "hop_label").alias("label"))
+                  .localCheckpoint())
+        previous = labels.select(F.col("node").alias("prev_node"), F.col("label").alias("prev_label"))
+        changed = (jumped.join(previous, jumped.node == previous.prev_node)
+                   .where(F.col("label") != F.col("prev_label")).limit(1).count())
         labels = jumped
         if changed == 0:
             log.info("connected components converged after %d rounds", round_no + 1)

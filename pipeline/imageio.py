@@ -119,6 +119,21 @@ _BOMB_PIXELS_RE: Final[re.Pattern[str]] = re.compile(r"\((\d+) pixels\)")
 # everything >= 0x80 so UTF-8 / Latin-1 text counts as text.
 _TEXT_BYTES: Final[bytes] = bytes([7, 8, 9, 10, 12, 13, 27]) + bytes(range(0x20, 0x100))
 
+_DIB_SIZES: Final[frozenset[int]] = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+# AppleDouble / AppleSingle: the "._name.jpg" resource-fork files macOS puts next to
+# every file in zips and on non-HFS volumes. They carry an image extension but are
+# metadata, and there are as many of them as real photos.
+_APPLE_DOUBLE_MAGICS: Final[tuple[bytes, ...]] = (b"\x00\x05\x16\x07", b"\x00\x05\x16\x00")
+_APPLE_DOUBLE_REASON: Final[str] = "macOS AppleDouble metadata"
+
+_SHORT_SIGNATURES: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF89a", "GIF"),
+    (b"GIF87a", "GIF"),
+)
+
 
 class ImageDecodeError(ValueError):
     """Bad image data; ``reason`` is the same human-readable text probe reports."""
@@ -157,6 +172,8 @@ def probe(content: bytes | None, path: str, max_pixels: int = DEFAULT_MAX_PIXELS
     if content is None:
         return Probe("error", "unreadable file", None, None, None)
 
+    if content.startswith(_APPLE_DOUBLE_MAGICS):
+        return Probe("skipped", f"not an image file ({_APPLE_DOUBLE_REASON})", None, None, None)
     ext = _extension(path)
     if ext not in IMAGE_EXTENSIONS and _sniff_format(content) is None:
         what = ext if ext else "no extension"
@@ -230,10 +247,7 @@ def decode_rgb(
         rgb = _to_rgb(im)
         if rgb is not im:
             im.close()
-    except ImageDecodeError:
-        im.close()
-        raise
-    except MemoryError:
+    except (ImageDecodeError, MemoryError):
         im.close()
         raise
     except Exception as exc:
@@ -283,7 +297,8 @@ def _sniff_format(content: bytes) -> str | None:
         return "WEBP"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "TIFF"
-    if head[:2] == b"BM" and len(head) >= 14:
+    # "BM" alone is common in text ("BMW ..."), so also require a known DIB header size.
+    if head[:2] == b"BM" and len(head) >= 18 and struct.unpack_from("<I", head, 14)[0] in _DIB_SIZES:
         return "BMP"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
@@ -298,14 +313,6 @@ def _sniff_format(content: bytes) -> str | None:
     if head.startswith(b"8BPS"):
         return "PSD"
     return None
-
-
-_SHORT_SIGNATURES: Final[tuple[tuple[bytes, str], ...]] = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF89a", "GIF"),
-    (b"GIF87a", "GIF"),
-)
 
 
 def _looks_like_text(content: bytes) -> bool:
@@ -361,16 +368,19 @@ def _open_checked(content: bytes, max_pixels: int) -> ImageFile.ImageFile:
     except MemoryError:
         raise
     except Exception as exc:
-        # The format claimed the header and then choked on it (EOF inside the
-        # header, impossible field values, ...).
+        # A plugin with a weak magic claimed the file and then choked on it (EOF
+        # inside the header, impossible field values, ...).
+        if magic is None and _looks_like_text(content):
+            raise ImageDecodeError("not an image: looks like HTML/text") from exc
         what = magic or "image"
         raise ImageDecodeError(
             f"corrupt or truncated {what} header ({type(exc).__name__}: {exc})", format=magic
         ) from exc
 
     if im is None:
-        # "BM" is too weak a magic to outrank the text heuristic ("BMW rental.txt").
-        if (magic is None or magic == "BMP") and _looks_like_text(content):
+        if content.startswith(_APPLE_DOUBLE_MAGICS):
+            raise ImageDecodeError(f"not an image: {_APPLE_DOUBLE_REASON}")
+        if magic is None and _looks_like_text(content):
             raise ImageDecodeError("not an image: looks like HTML/text")
         if magic is None:
             raise ImageDecodeError("unsupported or corrupt image header")

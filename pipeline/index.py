@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -166,7 +167,7 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     n_shards = min(settings.shards, n)
     description = factory_string(settings, n, dim)
     final_dir = workdir.index_dir(method)
-    staging = f"{final_dir}.staging-{store.uuid.uuid4().hex[:12]}"
+    staging = f"{final_dir}.staging-{uuid.uuid4().hex[:12]}"
 
     trained_path = None
     if needs_training(settings):
@@ -210,21 +211,27 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
 
 
 def _shard_builder(staging: str, description: str, dim: int, trained_path: str | None):
+    """Build and write every shard whose rows are in this partition.
+
+    Hash partitioning puts all rows of a shard in one partition, but may put two shards
+    in the same one, so shards are kept apart by their key, not by partition.
+    """
     def build(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        started = time.perf_counter()
-        index = deserialize(store.read_bytes(trained_path)) if trained_path else new_index(description, dim)
-        shard = None
+        template = store.read_bytes(trained_path) if trained_path else None
+        indexes: dict[int, object] = {}
+        seconds: dict[int, float] = {}
         for batch in batches:
-            if batch.empty:
-                continue
-            shard = int(batch[S.SHARD].iloc[0])
-            vectors = np.stack(batch[S.EMBEDDING].to_numpy()).astype(np.float32)
-            index.add_with_ids(vectors, batch[S.FAISS_ID].to_numpy(dtype=np.int64))
-        if shard is None:
-            return  # an empty partition (fewer shards than partitions): no shard file
-        store.write_bytes(shard_file(staging, shard), serialize(index))
-        yield pd.DataFrame({"shard": [shard], "count": [index.ntotal],
-                            "seconds": [time.perf_counter() - started]})
+            for shard, rows in batch.groupby(S.SHARD, sort=True):
+                started = time.perf_counter()
+                shard = int(shard)
+                if shard not in indexes:
+                    indexes[shard] = deserialize(template) if template else new_index(description, dim)
+                vectors = np.stack(rows[S.EMBEDDING].to_numpy()).astype(np.float32)
+                indexes[shard].add_with_ids(vectors, rows[S.FAISS_ID].to_numpy(dtype=np.int64))
+                seconds[shard] = seconds.get(shard, 0.0) + time.perf_counter() - started
+        for shard, index in sorted(indexes.items()):
+            store.write_bytes(shard_file(staging, shard), serialize(index))
+            yield pd.DataFrame({"shard": [shard], "count": [index.ntotal], "seconds": [seconds[shard]]})
 
     return build
 

@@ -1,11 +1,11 @@
 """Generator of a hostile image archive for tests (no binaries are committed).
 
-``make_hostile_corpus(root)`` writes ~40 files under ``root`` and returns one
+``make_hostile_corpus(root)`` writes 39 files under ``root`` and returns one
 :class:`HostileCase` per file with the status and reason that
 ``pipeline.imageio.probe`` must report. Pixel sources are the photographs that
 ship with scikit-image (astronaut, chelsea, coffee), so decoders see realistic
 content rather than flat colour. Generation takes ~2-3 s and < 10 MB on disk;
-the 48 MP JPEG dominates both.
+the 48 MP JPEG (~2 MB, ~0.5 s) dominates both.
 
 Symlinks are deliberately absent: following them is the ingest stage's policy.
 """
@@ -28,13 +28,16 @@ from skimage import data as skdata
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BOMB_PNG",
     "BOMB_PNG_SIZE",
     "EXIF_ROTATED",
     "HostileCase",
     "LARGE_JPEG",
     "LARGE_JPEG_SIZE",
-    "RGBA_PNG",
     "PALETTE_TRANSPARENT_PNG",
+    "RGBA_PNG",
+    "TRANSPARENT_COLUMNS",
+    "TRANSPARENT_SQUARE",
     "make_hostile_corpus",
     "reference_rgb",
 ]
@@ -277,6 +280,17 @@ _NOTES = "holiday 2008 - best shots are in the subfolders\nTODO: dedupe\n".encod
 _DS_STORE = b"\x00\x00\x00\x01Bud1" + bytes(range(256)) * 8
 
 
+# AppleDouble header (magic, version 2, "Mac OS X" filler, 2 entries) + Finder info.
+_APPLE_DOUBLE = (
+    b"\x00\x05\x16\x07\x00\x02\x00\x00"
+    + b"Mac OS X        "
+    + b"\x00\x02"
+    + struct.pack(">III", 9, 50, 32)
+    + struct.pack(">III", 2, 82, 0)
+    + b"JPEGprvw" + b"\x00" * 24
+)
+
+
 def make_hostile_corpus(root: pathlib.Path) -> list[HostileCase]:
     """Write the corpus under ``root`` (created if needed) and describe it."""
     root = pathlib.Path(root)
@@ -287,17 +301,6 @@ def make_hostile_corpus(root: pathlib.Path) -> list[HostileCase]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
         cases.append(case)
-
-    def ok(
-        relpath: str,
-        content: bytes,
-        description: str,
-        fmt: str,
-        size: tuple[int, int],
-        source: str | None = None,
-        tolerance: float | None = None,
-    ) -> None:
-        add(relpath, content, HostileCase(relpath, "ok", None, description, fmt, size, source, tolerance))
 
     def bad(relpath: str, content: bytes, reason: str, description: str, status: str = "error") -> None:
         add(relpath, content, HostileCase(relpath, status, reason, description))
@@ -333,7 +336,12 @@ def make_hostile_corpus(root: pathlib.Path) -> list[HostileCase]:
         "not an image: looks like HTML/text",
         "HTML error page saved under a .jpg name by a scraper",
     )
-    bad("broken/scanner_log.png", _TEXT, "not an image: looks like HTML/text", "UTF-8 text with a .png extension")
+    bad(
+        "broken/scanner_log.png",
+        _TEXT,
+        "not an image: looks like HTML/text",
+        "UTF-8 text with a .png extension",
+    )
     garbage = np.random.default_rng(20240601).bytes(4096)
     bad(
         "broken/garbage.jpg",
@@ -356,64 +364,88 @@ def make_hostile_corpus(root: pathlib.Path) -> list[HostileCase]:
         "real JPEG with its SOF0 frame size rewritten to 65500x65500",
     )
 
-    # ---- odd but valid
-    ok("odd/cmyk.jpg", _cmyk_jpeg(_source("astronaut")), "CMYK JPEG (Adobe, inverted) with a K plane",
-       "JPEG", astro, "astronaut", 6.0)  # fmt: skip
-    ok("odd/ycck.jpg", _ycck_jpeg(_source("astronaut")), "YCCK JPEG (Adobe transform 2), as Photoshop writes CMYK",
-       "JPEG", astro, "astronaut", 6.0)  # fmt: skip
-    ok("odd/grayscale.jpg", _encode(Image.fromarray(_source("astronaut")).convert("L"), "JPEG", quality=90),
-       "single-channel JPEG", "JPEG", astro, "astronaut-gray", 5.0)  # fmt: skip
-    ok("odd/progressive.jpg", _jpeg("coffee", quality=85, progressive=True), "progressive JPEG",
-       "JPEG", coffee, "coffee", 6.0)  # fmt: skip
-    gray16 = np.asarray(reference_rgb("astronaut-gray")[..., 0], dtype=np.uint16) * 257
-    ok("odd/gray16.png", _encode(Image.fromarray(gray16), "PNG"),
-       "16-bit greyscale PNG (Pillow mode I;16)", "PNG", astro, "astronaut-gray", 1.0)  # fmt: skip
-    rgb48 = _source("coffee")[..., ::-1].astype(np.uint16) * 257
-    ok("odd/rgb48.png", cv2.imencode(".png", rgb48)[1].tobytes(), "16-bit-per-channel RGB PNG written by OpenCV",
-       "PNG", coffee, "coffee", 1.0)  # fmt: skip
-    ok("odd/gray.png", _encode(Image.fromarray(_source("astronaut")).convert("L"), "PNG"),
-       "8-bit greyscale PNG", "PNG", astro, "astronaut-gray", 1.0)  # fmt: skip
-    ok("odd/bilevel.png", _encode(Image.fromarray(_source("astronaut")).convert("1"), "PNG"),
-       "1-bit (mode '1') PNG, dithered", "PNG", astro)  # fmt: skip
-    ok("odd/palette.gif", _encode(Image.fromarray(_source("astronaut")).quantize(colors=256, method=_FAST), "GIF"),
-       "256-colour palette GIF", "GIF", astro, "astronaut", 6.0)  # fmt: skip
-    ok("odd/animated.gif", _animated_gif(), "3-frame animated GIF; the first frame is the unflipped photo",
-       "GIF", chelsea, "chelsea", 6.0)  # fmt: skip
-    ok(RGBA_PNG, _rgba_png(), "RGBA PNG: left 100 columns fully transparent, then an alpha ramp",
-       "PNG", chelsea)  # fmt: skip
-    ok(PALETTE_TRANSPARENT_PNG, _palette_transparent_png(),
-       "palette PNG with a tRNS transparent index (top-left square)", "PNG", chelsea)  # fmt: skip
-    ok("odd/photo.webp", _encode(Image.fromarray(_source("coffee")), "WEBP", quality=85),
-       "lossy WebP", "WEBP", coffee, "coffee", 5.0)  # fmt: skip
-    ok("odd/animated.webp", _animated_webp(), "2-frame animated WebP; first frame is the unflipped photo",
-       "WEBP", coffee, "coffee", 6.0)  # fmt: skip
+    # ---- odd but valid: (relpath, bytes, description, format, displayed size,
+    #      pixel source, tolerance)
+    photo = Image.fromarray
+    gray16 = reference_rgb("astronaut-gray")[..., 0].astype(np.uint16) * 257
+    rgb48 = _source("coffee")[..., ::-1].astype(np.uint16) * 257  # BGR for OpenCV
     tiff_params: dict[str, object] = {"compression": "tiff_lzw"} if features.check("libtiff") else {}
-    ok("odd/photo.tif", _encode(Image.fromarray(_source("coffee")), "TIFF", **tiff_params),
-       "LZW-compressed RGB TIFF", "TIFF", coffee, "coffee", 0.0)  # fmt: skip
-    ok("odd/photo.bmp", _encode(Image.fromarray(_source("chelsea")), "BMP"),
-       "24-bit BMP (odd width: padded rows)", "BMP", chelsea, "chelsea", 0.0)  # fmt: skip
-    ok("odd/one_pixel.png", _encode(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"),
-       "1x1 PNG", "PNG", (1, 1))  # fmt: skip
-    ok("odd/png_named.jpg", chelsea_png, "PNG content behind a .jpg extension", "PNG", chelsea, "chelsea", 0.0)
-    ok(EXIF_ROTATED, _exif_rotated_jpeg(),
-       "JPEG stored 400x600 with EXIF orientation 6; displays as the 600x400 photo",
-       "JPEG", coffee, "coffee", 6.0)  # fmt: skip
-    ok(LARGE_JPEG, _large_jpeg(*LARGE_JPEG_SIZE), "8000x6000 (48 MP) JPEG",
-       "JPEG", LARGE_JPEG_SIZE, "coffee", 6.0)  # fmt: skip
+    valid: list[tuple[str, bytes, str, str, tuple[int, int], str | None, float | None]] = [
+        ("odd/cmyk.jpg", _cmyk_jpeg(_source("astronaut")),
+         "CMYK JPEG (Adobe, inverted samples) with a real K plane",
+         "JPEG", astro, "astronaut", 6.0),
+        ("odd/ycck.jpg", _ycck_jpeg(_source("astronaut")),
+         "YCCK JPEG (Adobe transform 2), as Photoshop saves CMYK",
+         "JPEG", astro, "astronaut", 6.0),
+        ("odd/grayscale.jpg", _encode(photo(_source("astronaut")).convert("L"), "JPEG", quality=90),
+         "single-channel JPEG", "JPEG", astro, "astronaut-gray", 5.0),
+        ("odd/progressive.jpg", _jpeg("coffee", quality=85, progressive=True),
+         "progressive JPEG", "JPEG", coffee, "coffee", 6.0),
+        ("odd/gray16.png", _encode(photo(gray16), "PNG"),
+         "16-bit greyscale PNG (Pillow mode I;16)", "PNG", astro, "astronaut-gray", 1.0),
+        ("odd/rgb48.png", cv2.imencode(".png", rgb48)[1].tobytes(),
+         "16-bit-per-channel RGB PNG written by OpenCV", "PNG", coffee, "coffee", 1.0),
+        ("odd/gray.png", _encode(photo(_source("astronaut")).convert("L"), "PNG"),
+         "8-bit greyscale PNG", "PNG", astro, "astronaut-gray", 1.0),
+        ("odd/bilevel.png", _encode(photo(_source("astronaut")).convert("1"), "PNG"),
+         "1-bit (mode '1') dithered PNG", "PNG", astro, None, None),
+        ("odd/palette.gif", _encode(photo(_source("astronaut")).quantize(256, method=_FAST), "GIF"),
+         "256-colour palette GIF", "GIF", astro, "astronaut", 6.0),
+        ("odd/animated.gif", _animated_gif(),
+         "3-frame animated GIF; the first frame is the unflipped photo",
+         "GIF", chelsea, "chelsea", 6.0),
+        (RGBA_PNG, _rgba_png(),
+         "RGBA PNG: left 100 columns fully transparent, then an alpha ramp",
+         "PNG", chelsea, None, None),
+        (PALETTE_TRANSPARENT_PNG, _palette_transparent_png(),
+         "palette PNG with a tRNS transparent index (top-left square)",
+         "PNG", chelsea, None, None),
+        ("odd/photo.webp", _encode(photo(_source("coffee")), "WEBP", quality=85),
+         "lossy WebP", "WEBP", coffee, "coffee", 5.0),
+        ("odd/animated.webp", _animated_webp(),
+         "2-frame animated WebP; the first frame is the unflipped photo",
+         "WEBP", coffee, "coffee", 6.0),
+        ("odd/photo.tif", _encode(photo(_source("coffee")), "TIFF", **tiff_params),
+         "LZW-compressed RGB TIFF", "TIFF", coffee, "coffee", 0.0),
+        ("odd/photo.bmp", _encode(photo(_source("chelsea")), "BMP"),
+         "24-bit BMP with an odd width (padded rows)", "BMP", chelsea, "chelsea", 0.0),
+        ("odd/one_pixel.png", _encode(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"),
+         "1x1 PNG", "PNG", (1, 1), None, None),
+        ("odd/png_named.jpg", chelsea_png,
+         "PNG content behind a .jpg extension", "PNG", chelsea, "chelsea", 0.0),
+        (EXIF_ROTATED, _exif_rotated_jpeg(),
+         "JPEG stored 400x600 with EXIF orientation 6; displays as the 600x400 photo",
+         "JPEG", coffee, "coffee", 4.0),
+        (LARGE_JPEG, _large_jpeg(*LARGE_JPEG_SIZE),
+         "8000x6000 (48 MP) JPEG", "JPEG", LARGE_JPEG_SIZE, "coffee", 6.0),
+        # ---- names and trees
+        ("names/with spaces in the name.jpg", chelsea_jpeg,
+         "spaces in the file name", "JPEG", chelsea, "chelsea", 5.0),
+        ("names/café ü 写真.jpg", chelsea_jpeg,
+         "non-ASCII (accented Latin + CJK) file name", "JPEG", chelsea, "chelsea", 5.0),
+        (f"names/{_LONG_NAME}", chelsea_jpeg,
+         f"{len(_LONG_NAME)}-character file name", "JPEG", chelsea, "chelsea", 5.0),
+        ("names/level1/level2/level3/deep.jpg", chelsea_jpeg,
+         "file nested three folders deep", "JPEG", chelsea, "chelsea", 5.0),
+        ("names/UPPER CASE.JPEG", chelsea_jpeg,
+         "upper-case .JPEG extension", "JPEG", chelsea, "chelsea", 5.0),
+        ("names/no_extension", chelsea_jpeg,
+         "JPEG bytes with no extension: found by sniffing", "JPEG", chelsea, "chelsea", 5.0),
+        ("names/level1/export.dat", chelsea_png,
+         "PNG bytes under a non-image extension: found by sniffing", "PNG", chelsea, "chelsea", 0.0),
+    ]  # fmt: skip
+    for relpath, content, description, fmt, size, source, tolerance in valid:
+        add(relpath, content, HostileCase(relpath, "ok", None, description, fmt, size, source, tolerance))
 
-    # ---- names and trees
-    ok("names/with spaces in the name.jpg", chelsea_jpeg, "spaces in the file name", "JPEG", chelsea, "chelsea", 5.0)
-    ok("names/café ü 写真.jpg", chelsea_jpeg, "non-ASCII (NFC Latin + CJK) file name", "JPEG", chelsea, "chelsea", 5.0)
-    ok(f"names/{_LONG_NAME}", chelsea_jpeg, f"{len(_LONG_NAME)}-character file name", "JPEG", chelsea, "chelsea", 5.0)
-    ok("names/level1/level2/level3/deep.jpg", chelsea_jpeg, "file nested three folders deep",
-       "JPEG", chelsea, "chelsea", 5.0)  # fmt: skip
-    ok("names/UPPER CASE.JPEG", chelsea_jpeg, "upper-case .JPEG extension", "JPEG", chelsea, "chelsea", 5.0)
-    ok("names/no_extension", chelsea_jpeg, "JPEG bytes with no extension: found by sniffing",
-       "JPEG", chelsea, "chelsea", 5.0)  # fmt: skip
-    ok("names/level1/export.dat", chelsea_png, "PNG bytes under a non-image extension: found by sniffing",
-       "PNG", chelsea, "chelsea", 0.0)  # fmt: skip
     bad("names/notes.txt", _NOTES, "not an image file (.txt)", "plain-text notes", status="skipped")
     bad("names/level1/.DS_Store", _DS_STORE, "not an image file", "macOS Finder metadata", status="skipped")
+    bad(
+        "names/__MACOSX/level1/._deep.jpg",
+        _APPLE_DOUBLE,
+        "not an image file (macOS AppleDouble metadata)",
+        "AppleDouble resource fork that macOS zips add next to every photo",
+        status="skipped",
+    )
 
     total = sum((root / c.relpath).stat().st_size for c in cases)
     logger.debug("hostile corpus: %d files, %.1f MB under %s", len(cases), total / 1e6, root)

@@ -1,0 +1,77 @@
+"""Shared fixtures: one real local Spark session, a seeded Keras cache, the shared data.
+
+Environment is set before Spark starts so the Python workers inherit it (KERAS_HOME,
+PYSPARK_PYTHON).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("NEARDUP_SHARED", ROOT.parent / "shared"))
+SHARED_WEIGHTS = SHARED / "weights" / "keras-cache" / "models"
+
+
+def _seed_keras_cache() -> None:
+    """Point Keras at a writable cache that holds the shared ImageNet weights (offline CI)."""
+    home = Path(os.environ.get("KERAS_HOME") or (ROOT / ".keras"))
+    models = home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if SHARED_WEIGHTS.is_dir():
+        for src in SHARED_WEIGHTS.iterdir():
+            if not (models / src.name).exists():
+                shutil.copyfile(src, models / src.name)
+    os.environ["KERAS_HOME"] = str(home)
+
+
+_seed_keras_cache()
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available (tests that need ../shared skip without it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    from pipeline.session import BASE_CONF
+
+    builder = SparkSession.builder.master("local[2]").appName("neardup-tests")
+    for key, value in {**BASE_CONF, "spark.sql.shuffle.partitions": "4",
+                       "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
+                       "spark.driver.memory": "2g"}.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The demo corpus (real photos + near-duplicate variants) and its ground truth CSV."""
+    from pipeline.demo import make_demo_corpus
+
+    root = tmp_path_factory.mktemp("demo") / "corpus"
+    truth = make_demo_corpus(root)
+    return root, truth
+
+
+def make_config(workdir: Path, **overrides):
+    """A test config: defaults plus ``section__key=value`` overrides."""
+    from pipeline.config import Config
+
+    base = Config.load(None, [f"workdir={workdir}"])
+    return base.with_overrides(**overrides) if overrides else base
