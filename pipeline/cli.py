@@ -109,8 +109,22 @@ def run_job(job: str, config: Config) -> Any:
     config.validate()
     if job in ("ingest", "run"):
         workflow.validate_inputs(config)
+    check_backbones_load(job, config)
     with spark_session(config) as spark:
         return job_function(job)(spark, config)
+
+
+def check_backbones_load(job: str, config: Config) -> None:
+    """Load each backbone once on the driver before Spark starts: missing weights fail in seconds."""
+    from pipeline import embed
+
+    if job in ("embed", "run"):
+        embed.check_model_loads(config)
+    elif job == "evaluate":
+        for backbone in config.evaluate.backbones:
+            cfg = config.with_overrides(embed__backbone=backbone)
+            cfg.validate()
+            embed.check_model_loads(cfg)
 
 
 def job_main(job: str, argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,9 @@ def load_ground_truth(dataset: str, input_dir: str) -> GroundTruth:
 def score(dataset: str, truth: GroundTruth, rankings: dict[str, list[str]]) -> dict[str, float]:
     if dataset == "ukbench":
         return {"ns_score": M.ns_score(rankings, truth.group_of, top=4)}
-    return {"map": M.mean_average_precision(rankings, truth.relevant())}
+    relevant = truth.relevant()
+    return {"map": M.mean_average_precision(rankings, relevant),
+            "map_inria_trapezoid": M.mean_average_precision(rankings, relevant, trapezoid=True)}
 
 
 def collect_rankings(neighbors, name_of: dict[str, str]) -> dict[str, list[str]]:
