@@ -59,6 +59,11 @@ STUDY_BACKBONES = ("vgg16", "vgg19", "resnet50", "densenet121", "densenet169", "
                    "nasnetmobile", "mobilenet", "inceptionresnetv2")
 
 
+def supports_any_size(backbone: str) -> bool:
+    """Whether the network can run fully convolutionally on any input size (``aspect`` input)."""
+    return not is_model_file(backbone) and not REGISTRY[backbone].fixed_input
+
+
 def is_model_file(backbone: str) -> bool:
     return backbone.endswith(".keras")
 
@@ -108,42 +113,79 @@ def keras_cache_dir() -> Path:
 # ------------------------------------------------------------------ loading
 @dataclass(frozen=True)
 class ModelKey:
+    """Everything, besides the image bytes, that decides an embedding (the fingerprint of a table)."""
+
     backbone: str
     weights: str
     layer: str | None
     preprocess: str
     input_size: int
     pooling: str = "avg"
+    input_mode: str = "squash"  # squash | aspect
+    max_side: int = 320
+    size_multiple: int = 16
+    scales: tuple = (1.0,)
+    gem_p: float = 3.0
+    rmac_levels: int = 3
+    trim_borders: bool = False
+    power_norm: float = 1.0
+    postprocess: str | None = None  # URI of a post-processing artifact (.npz)
+    postprocess_version: str | None = None  # its content hash
+    rotation: int = 0
 
 
 class EmbeddingModel:
-    """A Keras backbone wrapped as uint8 images -> L2-normalised float32 embeddings.
+    """A Keras backbone wrapped as uint8 images -> L2-normalised float32 descriptors.
 
     Scaling, the CNN, pooling and normalisation all run in one compiled TensorFlow graph,
-    so on a GPU executor only uint8 pixels cross the bus.
+    so on a GPU executor only uint8 pixels cross the bus. In ``aspect`` mode the network
+    runs fully convolutionally: the graph accepts any (H, W); callers batch same-size images.
+    :meth:`postprocess` applies the signed power normalisation and the learned projection.
     """
 
     def __init__(self, key: ModelKey):
         import tensorflow as tf
 
+        from pipeline import descriptors
+
         self.key = key
         features = _build_feature_model(key)
-        self.dim = int(features.output_shape[-1])
+        self.features_dim = int(features.output_shape[-1])
         mode = key.preprocess
+        side = None if key.input_mode == "aspect" else key.input_size
 
-        @tf.function(input_signature=[tf.TensorSpec([None, key.input_size, key.input_size, 3], tf.uint8)],
-                     reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, side, side, 3], tf.uint8)], reduce_retracing=True)
         def embed(batch):
             x = scale_pixels(tf.cast(batch, tf.float32), mode)
             y = features(x, training=False)
             if len(y.shape) == 4:  # a feature map: pool it here
-                y = tf.reduce_mean(y, axis=[1, 2]) if key.pooling == "avg" else tf.reduce_max(y, axis=[1, 2])
+                y = descriptors.pool_feature_map(tf.cast(y, tf.float32), key.pooling, gem_p=key.gem_p,
+                                                 rmac_levels=key.rmac_levels, l2_normalize=False)
             return tf.math.l2_normalize(tf.cast(y, tf.float32), axis=-1)
 
         self._embed = embed
+        self.whitening = None
+        if key.postprocess:
+            self.whitening = descriptors.load_whitening_uri(key.postprocess)
+            if self.whitening.input_dim != self.features_dim:
+                raise ValueError(f"post-processing {key.postprocess} expects {self.whitening.input_dim}-d "
+                                 f"descriptors, backbone {key.backbone} gives {self.features_dim}-d")
+        self.dim = self.whitening.dim if self.whitening is not None else self.features_dim
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Same-shape uint8 batch (n, H, W, 3) -> pooled, L2-normalised (n, features_dim)."""
         return self._embed(batch).numpy()
+
+    def postprocess(self, X: np.ndarray) -> np.ndarray:
+        """Pooled descriptors -> final embeddings (power normalisation, learned projection, L2)."""
+        from pipeline import descriptors
+
+        X = np.asarray(X, dtype=np.float32)
+        if self.key.power_norm != 1.0:
+            X = descriptors.power_normalise(X, self.key.power_norm)
+        if self.whitening is not None:
+            X = self.whitening.apply(X)
+        return descriptors.l2_normalize(X)
 
 
 def scale_pixels(x, mode: str):
@@ -175,8 +217,13 @@ def _build_feature_model(key: ModelKey):
     constructor: Callable = getattr(keras.applications, spec.constructor)
     kwargs = dict(spec.kwargs)
     side = spec.input_size if spec.fixed_input else key.input_size
+    shape = (None, None, 3) if key.input_mode == "aspect" and not spec.fixed_input else (side, side, 3)
     try:
-        return constructor(include_top=False, weights=weights, input_shape=(side, side, 3), pooling=None, **kwargs)
+        import warnings
+
+        with warnings.catch_warnings():  # "input shape undefined: loading the 224 weights" is intended
+            warnings.simplefilter("ignore")
+            return constructor(include_top=False, weights=weights, input_shape=shape, pooling=None, **kwargs)
     except Exception as exc:  # keras raises a bare Exception on a failed download
         if weights == "imagenet" and ("URL fetch failure" in str(exc) or "fetch" in str(exc).lower()):
             raise WeightsUnavailableError(
