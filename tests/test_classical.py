@@ -205,3 +205,12 @@ def test_untrained_method_refuses_to_encode(images):
     assert m.needs_training and not m.is_trained
     with pytest.raises(RuntimeError, match="fit"):
         m.encode(images[:1])
+
+
+def test_fit_from_pil_images(images):
+    m = get_method("bow", k=8, **FAST)
+    art = m.fit(iter(images[:6]), max_descriptors=2000, description="6 ukbench-dev images")
+    assert art.training["n_images"] == 6 and m.is_trained
+    x = m.encode(images[6:8])
+    assert x.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
