@@ -37,7 +37,7 @@ bench: setup seed-weights
 	$(PY) bench/bench_embed.py --data "$(SHARED)/data/ukbench-dev" --out bench/results
 
 lint: setup
-	$(PY) -m compileall -q pipeline jobs tests bench
+	$(VENV)/bin/ruff check pipeline jobs tests bench
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^neardup' > constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -38,6 +38,14 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--weights": ("embed.weights", {}),
         "--threshold": ("dedup.threshold", {"type": float}),
     },
+    "train": {
+        "--input": ("train.input", {"nargs": "+"}),
+        **BACKBONE,
+        "--name": ("train.name", {}),
+        "--dim": ("train.dim", {"type": int}),
+        "--power": ("train.power", {"type": float}),
+        "--output": ("train.output", {}),
+    },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
         **BACKBONE,
@@ -51,6 +59,7 @@ HELP = {
     "index": "build the sharded FAISS index from the embedding table",
     "dedup": "search all images against the index; write pairs and groups",
     "evaluate": "score backbones on UKBench or Holidays",
+    "train": "learn the embedding post-processing (PCA-whitening) on another image collection, via petastorm",
     "run": "ingest, embed, index and dedup in one go",
 }
 
@@ -89,9 +98,10 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
 
 
 def job_function(job: str) -> Callable:
-    from pipeline import evaluate, workflow
+    from pipeline import evaluate, train, workflow
 
     return {
+        "train": train.train,
         "ingest": workflow.ingest_job,
         "embed": workflow.embed_job,
         "index": workflow.index_job,
@@ -118,13 +128,18 @@ def check_backbones_load(job: str, config: Config) -> None:
     """Load each backbone once on the driver before Spark starts: missing weights fail in seconds."""
     from pipeline import embed
 
-    if job in ("embed", "run"):
-        embed.check_model_loads(config)
+    from pipeline.evaluate import expand_backbones
+
+    if job in ("embed", "run", "train"):
+        embed.check_model_loads(config.with_overrides(embed__postprocess=None) if job == "train" else config)
     elif job == "evaluate":
-        for backbone in config.evaluate.backbones:
+        names = expand_backbones(config.evaluate.backbones)
+        for backbone in names:
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
-            embed.check_model_loads(cfg)
+            if len(names) > 1 and "all" in config.evaluate.backbones:
+                continue  # --backbones all: a backbone without weights is timed, not refused
+            embed.check_model_loads(cfg.with_overrides(embed__postprocess=None))
 
 
 def job_main(job: str, argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SparkSettings:
-    master: str = "local[*]"
+    master: str = "local[*,4]"  # 4 attempts per task: local mode otherwise never retries
     app_name: str = "neardup"
     # Extra Spark properties, passed through untouched (spark.executor.resource.gpu.amount ...).
     conf: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +51,26 @@ class EmbedSettings:
     # For a user's own .keras file: how its inputs are scaled (tf | torch | caffe | lite | raw).
     preprocess: str | None = None
     input_size: int | None = None
+    # Descriptor options (issue 3). input: squash = resize to input_size x input_size (the
+    # reference study); aspect = keep the aspect ratio, longest side max_side, the network run
+    # fully convolutionally (sides rounded to size_multiple, so few distinct batch shapes).
+    input: str = "squash"
+    max_side: int = 320
+    size_multiple: int = 16
+    # Relative input scales; descriptors of all scales are L2-normalised, summed, re-normalised.
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    pooling: str = "avg"  # avg | max | gem | rmac
+    gem_p: float = 3.0
+    rmac_levels: int = 3
+    # Crop plain-colour borders (scanned prints, letterboxing) before resizing.
+    trim_borders: bool = False
+    # Signed power normalisation exponent applied to the pooled descriptor (1.0: off, 0.5: sqrt).
+    power_norm: float = 1.0
+    # Learned post-processing (PCA-whitening / centring) from `neardup train`: a .npz path,
+    # an MLflow run id, runs:/<id>/... URI, or none.
+    postprocess: str | None = None
+    # Rotate every image by this many degrees before embedding (internal: rotated query variants).
+    rotation: int = 0
     batch_size: int = 32
     # Rows per Arrow batch handed to the UDF; a multiple of batch_size avoids ragged model calls.
     arrow_batch_rows: int = 256
@@ -77,6 +97,32 @@ class IndexSettings:
 class DedupSettings:
     threshold: float = 0.88
     k: int = 20
+    # Database-side augmentation: each database vector is replaced by the alpha-weighted sum of
+    # its dba_k nearest neighbours (itself included) before the final search; 0 or 1: off.
+    dba_k: int = 0
+    dba_alpha: float = 3.0
+    # alpha-query expansion: a second search with each query plus its qe_k best neighbours; 0: off.
+    qe_k: int = 0
+    qe_alpha: float = 3.0
+    # Also search every query as these rotations (degrees, counter-clockwise) and keep the best
+    # similarity per neighbour: finds near-duplicates stored rotated by 90 degrees.
+    rotations: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class TrainSettings:
+    # Image folders to learn the post-processing from: must not be the collection you search.
+    input: list[str] = field(default_factory=list)
+    name: str = "whitening"
+    # PCA-whitening: output dimension (null: keep all), eigenvalue power (0.5 full whitening,
+    # 0 centring + rotation only), covariance shrinkage towards the mean eigenvalue.
+    dim: int | None = None
+    power: float = 0.0
+    shrinkage: float = 0.0
+    # Where the artifact goes (default <workdir>/postprocess/<name>-<version>.npz).
+    output: str | None = None
+    # Reader batch size for petastorm.
+    read_batch_rows: int = 64
 
 
 @dataclass
@@ -85,6 +131,8 @@ class EvaluateSettings:
     input: str | None = None
     backbones: list[str] = field(default_factory=lambda: ["mobilenet"])
     json_out: str | None = None
+    # Learn embed.postprocess first with the train job on this OTHER collection (a folder).
+    train_input: str | None = None
 
 
 @dataclass
@@ -102,6 +150,7 @@ class Config:
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     dedup: DedupSettings = field(default_factory=DedupSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     max_error_fraction: float = 0.05
@@ -161,6 +210,7 @@ class Config:
             raise ConfigError(f"ingest.max_pixels must be >= 1, got {self.ingest.max_pixels!r}")
         if self.ingest.max_shard_bytes < 1024:
             raise ConfigError(f"ingest.max_shard_bytes must be >= 1024, got {self.ingest.max_shard_bytes!r}")
+        validate_descriptor_options(self)
         backbones.validate_spec(self.embed.backbone, self.embed.weights, self.embed.preprocess)
         if self.evaluate.dataset not in ("ukbench", "holidays"):
             raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
@@ -179,6 +229,45 @@ class Config:
                 f"(workdir={self.workdir!r}); use a tracking server or a sqlite file on local disk"
             )
         return "sqlite:///" + str(Path(local).resolve() / "mlflow.db")
+
+
+INPUT_MODES = ("squash", "aspect")
+POOLING_METHODS = ("avg", "max", "gem", "rmac")
+
+
+def validate_descriptor_options(config: "Config") -> None:
+    e, d = config.embed, config.dedup
+    if e.input not in INPUT_MODES:
+        raise ConfigError(f"embed.input must be one of {', '.join(INPUT_MODES)}, got {e.input!r}")
+    if not 32 <= e.max_side <= 4096:
+        raise ConfigError(f"embed.max_side must be in [32, 4096], got {e.max_side!r}")
+    if e.size_multiple < 1 or e.size_multiple > 64:
+        raise ConfigError(f"embed.size_multiple must be in [1, 64], got {e.size_multiple!r}")
+    if not e.scales or any(not 0.1 <= s <= 4.0 for s in e.scales):
+        raise ConfigError(f"embed.scales must be a non-empty list of numbers in [0.1, 4], got {e.scales!r}")
+    if e.pooling not in POOLING_METHODS:
+        raise ConfigError(f"embed.pooling must be one of {', '.join(POOLING_METHODS)}, got {e.pooling!r}")
+    if e.gem_p <= 0:
+        raise ConfigError(f"embed.gem_p must be > 0, got {e.gem_p!r}")
+    if not 1 <= e.rmac_levels <= 5:
+        raise ConfigError(f"embed.rmac_levels must be in [1, 5], got {e.rmac_levels!r}")
+    if not 0 < e.power_norm <= 1:
+        raise ConfigError(f"embed.power_norm must be in (0, 1], got {e.power_norm!r}")
+    if e.rotation not in (0, 90, 180, 270):
+        raise ConfigError(f"embed.rotation must be 0, 90, 180 or 270, got {e.rotation!r}")
+    if isinstance(e.postprocess, str) and e.postprocess.strip().lower() in ("", "none", "null"):
+        e.postprocess = None
+    if d.dba_k < 0 or d.qe_k < 0:
+        raise ConfigError(f"dedup.dba_k and dedup.qe_k must be >= 0, got {d.dba_k!r}, {d.qe_k!r}")
+    if d.dba_alpha < 0 or d.qe_alpha < 0:
+        raise ConfigError("dedup.dba_alpha and dedup.qe_alpha must be >= 0")
+    if not d.rotations or any(r not in (0, 90, 180, 270) for r in d.rotations) or 0 not in d.rotations:
+        raise ConfigError(f"dedup.rotations must list degrees among 0, 90, 180, 270 and include 0, got {d.rotations!r}")
+    t = config.train
+    if t.dim is not None and t.dim < 1:
+        raise ConfigError(f"train.dim must be >= 1 or null, got {t.dim!r}")
+    if t.power < 0 or not 0 <= t.shrinkage <= 1:
+        raise ConfigError(f"train.power must be >= 0 and train.shrinkage in [0, 1], got {t.power!r}, {t.shrinkage!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

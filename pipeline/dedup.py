@@ -7,7 +7,10 @@ gathers the embeddings on the driver.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import time
 from typing import Iterator
 
 import numpy as np
@@ -27,14 +30,42 @@ SEARCH_CHUNK = 1024
 def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataFrame | None = None) -> DataFrame:
     """Top-``k`` neighbours (self included) of every query embedding, as NEIGHBORS_TABLE rows.
 
-    ``queries`` defaults to the indexed embedding table itself (all-pairs search).
+    ``queries`` defaults to the indexed embedding table itself (all-pairs search). The
+    re-ranking options of ``dedup.*`` apply here, so ``dedup`` and ``evaluate`` agree:
+
+    * ``dba_k > 1``: search against (and, by default, with) database vectors replaced by
+      the alpha-weighted sum of their ``dba_k`` nearest neighbours (a derived embedding
+      table and index under ``<workdir>/derived/dba``, rebuilt when its inputs change);
+    * ``rotations``: also search with the query images rotated (embedded once into
+      ``<workdir>/derived/rot<deg>``), keeping each neighbour's best similarity;
+    * ``qe_k > 0``: alpha-query expansion, a second search with expanded queries.
     """
+    d = config.dedup
+    index_cfg = ensure_dba(spark, config) if d.dba_k > 1 else config
+    if queries is None:
+        queries = store.read_table(spark, store.Workdir.of(index_cfg.workdir).embeddings(config.embed.backbone),
+                                   "embedding table")
+    queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
+    result = _search(spark, index_cfg, k, queries)
+    rotations = [r for r in d.rotations if r != 0]
+    if rotations:
+        for r in rotations:
+            rotated = store.read_table(spark, ensure_rotated(spark, config, r), "rotated embedding table")
+            rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
+            rotated = rotated.join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
+            result = result.unionByName(_search(spark, index_cfg, k, rotated))
+        result = _best_per_neighbor(result, k)
+    if d.qe_k > 0:
+        expanded = _expand_queries(spark, index_cfg, queries, result, d.qe_k, d.qe_alpha)
+        result = _search(spark, index_cfg, k, expanded)
+    return result
+
+
+def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> DataFrame:
     workdir = store.Workdir.of(config.workdir)
     method = config.embed.backbone
     info = ix.IndexInfo.load(workdir.index_dir(method))
-    if queries is None:
-        queries = store.read_table(spark, workdir.embeddings(method), "embedding table")
-    queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
+    queries = queries.select(S.IMAGE_ID, S.EMBEDDING)
     n = max(queries.rdd.getNumPartitions(), spark.sparkContext.defaultParallelism)
     queries = queries.repartition(n)
 
@@ -62,6 +93,117 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
     raw = queries.mapInPandas(search, schema="query_id string, faiss_id long, rank int, similarity float")
     idmap = spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))
     return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
+
+
+def _best_per_neighbor(neighbors: DataFrame, k: int) -> DataFrame:
+    """Merge the lists of several query variants: best similarity per neighbour, top k, re-ranked."""
+    best = neighbors.groupBy(S.QUERY_ID, S.NEIGHBOR_ID).agg(F.max(S.SIMILARITY).alias(S.SIMILARITY))
+    order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
+    return (best.withColumn(S.RANK, (F.row_number().over(order) - 1).cast("int"))
+            .where(F.col(S.RANK) < k).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY))
+
+
+def _weighted_sums(spark: SparkSession, rows: DataFrame) -> DataFrame:
+    """(image_id, weight, embedding) rows -> (image_id, embedding = l2(sum weight * embedding))."""
+    def combine(pdf: pd.DataFrame) -> pd.DataFrame:
+        vectors = np.stack(pdf[S.EMBEDDING].to_numpy()).astype(np.float32)
+        total = (pdf["weight"].to_numpy(np.float32)[:, None] * vectors).sum(axis=0)
+        norm = float(np.sqrt(max(float(total @ total), 1e-12)))
+        return pd.DataFrame({S.IMAGE_ID: [pdf[S.IMAGE_ID].iloc[0]], S.EMBEDDING: [(total / norm).astype(np.float32)]})
+
+    return rows.groupBy(S.IMAGE_ID).applyInPandas(combine, schema=f"{S.IMAGE_ID} string, {S.EMBEDDING} array<float>")
+
+
+def _expand_queries(spark: SparkSession, config: Config, queries: DataFrame, neighbors: DataFrame,
+                    qe_k: int, alpha: float) -> DataFrame:
+    """alpha-QE: q' = l2(q + sum over the qe_k best other neighbours of max(sim, 0)^alpha * d)."""
+    database = store.read_table(spark, store.Workdir.of(config.workdir).embeddings(config.embed.backbone),
+                                "embedding table").select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID),
+                                                          F.col(S.EMBEDDING).alias("vector"))
+    order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
+    top = (neighbors.where(F.col(S.QUERY_ID) != F.col(S.NEIGHBOR_ID))
+           .withColumn("r", F.row_number().over(order)).where(F.col("r") <= qe_k))
+    parts = top.join(database, S.NEIGHBOR_ID).select(
+        F.col(S.QUERY_ID).alias(S.IMAGE_ID),
+        F.pow(F.greatest(F.col(S.SIMILARITY), F.lit(0.0)), F.lit(float(alpha))).cast("float").alias("weight"),
+        F.col("vector").alias(S.EMBEDDING))
+    own = queries.select(S.IMAGE_ID, F.lit(1.0).cast("float").alias("weight"), S.EMBEDDING)
+    return _weighted_sums(spark, own.unionByName(parts))
+
+
+def derived_config(config: Config, name: str, **overrides) -> Config:
+    """A config whose workdir is ``<workdir>/derived/<name>`` (derived tables and their index)."""
+    sub = store.Workdir.of(config.workdir).join("derived", name)
+    return config.with_overrides(workdir=sub, mlflow__tracking_uri=config.tracking_uri(), **overrides)
+
+
+def _images_digest(images: DataFrame) -> list:
+    ok = images.where(F.col(S.STATUS) == S.STATUS_OK)
+    row = ok.agg(F.count(F.lit(1)).alias("n"),
+                 F.sum(F.crc32(F.concat_ws("/", S.IMAGE_ID, S.CONTENT_SHA256))).alias("h")).first()
+    return [int(row["n"]), int(row["h"] or 0)]
+
+
+def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
+    """The embedding table of every image rotated by ``rotation`` degrees (built when stale)."""
+    from pipeline import embed as em
+
+    sub = derived_config(config, f"rot{rotation}", embed__rotation=rotation)
+    target = store.Workdir.of(sub.workdir).embeddings(config.embed.backbone)
+    images = store.read_table(spark, store.Workdir.of(config.workdir).images, "image table")
+    meta = {"model": em.model_fingerprint(sub), "images": _images_digest(images)}
+    meta = json.loads(json.dumps(meta))
+    if store.is_committed(spark, target) and store.read_metadata(target) == meta:
+        return target
+    started = time.perf_counter()
+    table = em.build_embedding_table(spark, sub, images.where(F.col(S.STATUS) == S.STATUS_OK))
+    store.write_table(table, target, metadata=meta)
+    log.info("embedded rotated (%d degrees) query variants in %.1fs", rotation, time.perf_counter() - started)
+    _log_metric(f"rotation_{rotation}_embed_seconds", time.perf_counter() - started)
+    return target
+
+
+def ensure_dba(spark: SparkSession, config: Config) -> Config:
+    """Database-side augmentation in Spark: self-search, weighted sums, a new table and index."""
+    d = config.dedup
+    method = config.embed.backbone
+    workdir = store.Workdir.of(config.workdir)
+    base = ix.IndexInfo.load(workdir.index_dir(method))
+    sub = derived_config(config, "dba")
+    marker = store.Workdir.of(sub.workdir).join("dba.json")
+    meta = {"base_index": base.meta["created_at"], "base_embeddings": base.meta.get("embeddings"),
+            "count": base.meta["count"], "k": d.dba_k, "alpha": d.dba_alpha, "index": dataclasses.asdict(config.index)}
+    if store.file_exists(marker) and store.read_json(marker) == meta:
+        return sub
+    started = time.perf_counter()
+    embeddings = store.read_table(spark, workdir.embeddings(method), "embedding table").where(
+        F.col(S.STATUS) == S.STATUS_OK)
+    neighbors = _search(spark, config, d.dba_k, embeddings.select(S.IMAGE_ID, S.EMBEDDING))
+    vectors = embeddings.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
+    parts = neighbors.join(vectors, S.NEIGHBOR_ID).select(
+        F.col(S.QUERY_ID).alias(S.IMAGE_ID),
+        F.pow(F.greatest(F.col(S.SIMILARITY), F.lit(0.0)), F.lit(float(d.dba_alpha))).cast("float").alias("weight"),
+        F.col("vector").alias(S.EMBEDDING))
+    augmented = _weighted_sums(spark, parts).withColumnRenamed(S.EMBEDDING, "augmented")
+    table = (embeddings.join(augmented, S.IMAGE_ID)
+             .withColumn(S.EMBEDDING, F.col("augmented")).select(*S.EMBEDDING_TABLE.fieldNames()))
+    store.write_table(table, store.Workdir.of(sub.workdir).embeddings(method), metadata=meta)
+    ix.build_index(spark, sub)
+    store.write_json(marker, meta)
+    log.info("database-side augmentation (k=%d, alpha=%.1f) in %.1fs", d.dba_k, d.dba_alpha,
+             time.perf_counter() - started)
+    _log_metric("dba_seconds", time.perf_counter() - started)
+    return sub
+
+
+def _log_metric(name: str, value: float) -> None:
+    try:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.log_metric(name, float(value))
+    except Exception:  # metrics are best effort here
+        log.debug("could not log %s", name, exc_info=True)
 
 
 def pairs_from_neighbors(neighbors: DataFrame, threshold: float) -> DataFrame:

@@ -562,3 +562,84 @@ def database_side_augmentation(
         raise ValueError(f"knn_sim shape {sims.shape} differs from knn_idx shape {np.shape(knn_idx)}")
     weights = np.maximum(sims[:, :k], 0.0) ** alpha
     return l2_normalize(np.einsum("nk,nkd->nd", weights, D[idx]))
+
+
+# ------------------------------------------------------------------ artifacts, trimming
+
+
+def whitening_from_bytes(data: bytes, name: str = "<bytes>") -> Whitening:
+    """Read a whitening written by :meth:`Whitening.save` from its bytes (no pickle)."""
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        mean = arrays["mean"].astype(np.float32)
+        projection = arrays["projection"].astype(np.float32)
+        eigenvalues = arrays["eigenvalues"].astype(np.float64)
+        meta = json.loads(str(arrays["metadata"]))
+    version = _whitening_hash(mean, projection, meta["params"])
+    if version != meta["version"]:
+        raise ValueError(f"{name}: content hash {version} does not match stored version {meta['version']}")
+    return Whitening(mean, projection, eigenvalues, int(meta["dim"]), version, meta["params"])
+
+
+_WHITENING_CACHE: dict[str, Whitening] = {}
+
+
+def load_whitening_uri(uri: str) -> Whitening:
+    """Load a post-processing artifact from a local path or any URI the workdir store reads."""
+    w = _WHITENING_CACHE.get(uri)
+    if w is None:
+        if "://" in uri and not uri.startswith("file:"):
+            from pipeline import store
+
+            data = store.read_bytes(uri)
+        else:
+            with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as fh:
+                data = fh.read()
+        w = _WHITENING_CACHE[uri] = whitening_from_bytes(data, uri)
+    return w
+
+
+def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
+                min_keep: float = 0.25) -> tuple[int, int, int, int]:
+    """The box ``(top, left, bottom, right)`` left after trimming plain-colour borders.
+
+    A border row (column) is one where at least ``min_uniform`` of the pixels are within
+    ``tol`` (max over channels) of the median corner colour; leading and trailing border
+    rows/columns are cut. A side that would keep less than ``min_keep`` of the image is
+    left untrimmed (a plain-colour photo is not all border).
+
+    Parameters
+    ----------
+    image : array-like or PIL image
+        ``(H, W)`` or ``(H, W, C)`` pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``top, left, bottom, right`` (bottom/right exclusive).
+    """
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    h, w = a.shape[:2]
+    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]])
+    ref = np.median(corners, axis=0)
+    close = np.abs(a - ref).max(axis=-1) <= tol
+    rows = close.mean(axis=1) >= min_uniform
+    cols = close.mean(axis=0) >= min_uniform
+
+    def span(uniform: np.ndarray, n: int) -> tuple[int, int]:
+        lo = 0
+        while lo < n and uniform[lo]:
+            lo += 1
+        hi = n
+        while hi > lo and uniform[hi - 1]:
+            hi -= 1
+        if hi - lo < max(1, int(math.ceil(min_keep * n))):
+            return 0, n
+        return lo, hi
+
+    top, bottom = span(rows, h)
+    left, right = span(cols, w)
+    return top, left, bottom, right

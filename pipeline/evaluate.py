@@ -17,7 +17,9 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from pipeline import backbones, dedup as dd, metrics as M, schemas as S, store, tracking, workflow
+from pipeline import train as train_job
 from pipeline.config import Config, ConfigError
+from pipeline.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,48 @@ def collect_rankings(neighbors, name_of: dict[str, str]) -> dict[str, list[str]]
     return {q: [n for _, n in sorted(v)] for q, v in rankings.items()}
 
 
+def expand_backbones(names: list[str]) -> list[str]:
+    """``all`` -> every registry backbone (in registry order); other names kept, deduplicated."""
+    out: list[str] = []
+    for name in names:
+        for b in (list(backbones.REGISTRY) if name == "all" else [name]):
+            if b not in out:
+                out.append(b)
+    return out
+
+
+def weights_available(cfg: Config) -> bool:
+    """Whether the configured weights load (ImageNet weights cached or downloadable)."""
+    from pipeline import embed as em
+
+    if cfg.embed.weights == "none":
+        return True
+    try:
+        em.check_model_loads(cfg.with_overrides(embed__postprocess=None))
+        return True
+    except backbones.WeightsUnavailableError as exc:
+        log.warning("%s: %s -- timing only, with weights=none", cfg.embed.backbone, exc)
+        return False
+
+
+def descriptor_params(cfg: Config) -> dict[str, Any]:
+    """The descriptor and re-ranking options of a run, as MLflow params (analysts compare these)."""
+    e, d = cfg.embed, cfg.dedup
+    aspect = e.input == "aspect" and backbones.supports_any_size(e.backbone)
+    return {
+        "input": "aspect" if aspect else "squash",
+        "max_side": e.max_side if aspect else None,
+        "input_size": backbones.input_size_of(e.backbone, e.input_size) if not aspect else e.max_side,
+        "scales": ",".join(f"{s:g}" for s in e.scales),
+        "pooling": e.pooling, "gem_p": e.gem_p if e.pooling == "gem" else None,
+        "rmac_levels": e.rmac_levels if e.pooling == "rmac" else None,
+        "trim_borders": e.trim_borders, "power_norm": e.power_norm,
+        "postprocess": e.postprocess or "none",
+        "dba_k": d.dba_k, "dba_alpha": d.dba_alpha, "qe_k": d.qe_k, "qe_alpha": d.qe_alpha,
+        "rotations": ",".join(str(r) for r in d.rotations),
+    }
+
+
 def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
     ev = config.evaluate
     if not ev.input:
@@ -80,9 +124,13 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
         images = store.read_table(spark, store.Workdir.of(config.workdir).images, "image table")
         name_of = {r[S.IMAGE_ID]: posixpath.basename(r[S.PATH]) for r in images.select(S.IMAGE_ID, S.PATH).collect()}
         n_images = sum(1 for name in name_of.values() if name in truth.group_of)
-        for backbone in ev.backbones:
+        for backbone in expand_backbones(ev.backbones):
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
+            if not weights_available(cfg):
+                results.append(_time_backbone(spark, cfg.with_overrides(embed__weights="none"), n_images,
+                                              ingest_metrics))
+                continue
             results.append(_evaluate_backbone(spark, cfg, truth, name_of, n_images, ingest_metrics))
         table = format_table(results)
         print(table)
@@ -99,17 +147,32 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
     with tracking.mlflow_run(cfg, store.tag_of(backbone), nested=True, tags={"backbone": backbone}) as run:
         import mlflow
 
+        m: dict[str, Any] = {}
+        trained = None
+        if cfg.evaluate.train_input:
+            # The post-processing is learned on ANOTHER collection, never on the evaluated one.
+            train_name = f"{store.tag_of(backbone)}-{store.tag_of(posixpath.basename(cfg.evaluate.train_input.rstrip('/')))}"
+            trained = train_job.train(spark, cfg.with_overrides(train__input=[cfg.evaluate.train_input],
+                                                                train__name=train_name))
+            cfg = cfg.with_overrides(embed__postprocess=trained["artifact"])
+            m["train_seconds"] = trained.get("ingest_seconds", 0.0) + trained["train_embed_seconds"]
         mlflow.log_params({
             "backbone": backbone, "weights": cfg.embed.weights,
-            "input_size": backbones.input_size_of(backbone, cfg.embed.input_size),
-            "pooling": "avg", "index_type": cfg.index.type, "threshold": cfg.dedup.threshold,
+            **descriptor_params(cfg),
+            "postprocess_version": trained["version"] if trained else (
+                _postprocess_version(cfg) if cfg.embed.postprocess else "none"),
+            "train_input": cfg.evaluate.train_input or "none",
+            "index_type": cfg.index.type, "threshold": cfg.dedup.threshold,
             "spark_master": spark.sparkContext.master, "dataset": cfg.evaluate.dataset,
+            "timing_only": False,
         })
-        m: dict[str, Any] = {}
+        if trained:
+            mlflow.log_artifact(trained["artifact"], "postprocess")
         m.update(workflow.embed_stage(spark, cfg))
         m.update(workflow.index_stage(spark, cfg))
         k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
-        neighbors = dd.search_neighbors(spark, cfg, k)
+        with timed("search", m):
+            neighbors = dd.search_neighbors(spark, cfg, k).localCheckpoint()
         rankings = collect_rankings(neighbors, name_of)
         rankings = {q: [n for n in v if n in truth.group_of] for q, v in rankings.items() if q in truth.group_of}
         scores = score(cfg.evaluate.dataset, truth, rankings)
@@ -133,8 +196,39 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "index_seconds": m["index_seconds"],
             "dedup_seconds": m["dedup_seconds"],
             "ingest_seconds": ingest_metrics["ingest_seconds"],
+            "search_seconds": m["search_seconds"],
+            "train_seconds": m.get("train_seconds", 0.0),
             "embedding_dim": m["embedding_dim"],
+            "options": descriptor_params(cfg),
+            "timing_only": False,
             "mlflow_run_id": run.info.run_id,
+        }
+
+
+def _postprocess_version(cfg: Config) -> str:
+    from pipeline import postprocess
+
+    return postprocess.resolve(cfg)[1]
+
+
+def _time_backbone(spark, cfg: Config, n_images: int, ingest_metrics: dict[str, Any]) -> dict[str, Any]:
+    """A backbone without ImageNet weights: embed with random weights to time it; no accuracy."""
+    backbone = cfg.embed.backbone
+    cfg = cfg.with_overrides(embed__postprocess=None)
+    with tracking.mlflow_run(cfg, store.tag_of(backbone), nested=True,
+                             tags={"backbone": backbone, "timing_only": "true"}) as run:
+        import mlflow
+
+        mlflow.log_params({"backbone": backbone, "weights": "none", **descriptor_params(cfg),
+                           "dataset": cfg.evaluate.dataset, "timing_only": True,
+                           "spark_master": spark.sparkContext.master})
+        m = workflow.embed_stage(spark, cfg, incremental=False)
+        return {
+            "dataset": cfg.evaluate.dataset, "method": backbone, "weights": "none", "images": n_images,
+            "queries": 0, "timing_only": True,
+            "embed_seconds": m["embed_seconds"], "images_per_second": m["images_per_second"],
+            "ingest_seconds": ingest_metrics["ingest_seconds"], "embedding_dim": m["embedding_dim"],
+            "options": descriptor_params(cfg), "mlflow_run_id": run.info.run_id,
         }
 
 
@@ -143,6 +237,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
     header = f"{'method':<22} {'dataset':<9} {'images':>6} {'N-S':>6} {'mAP':>6} {'P@thr':>6} {'R@thr':>6} {'img/s':>7} {'embed s':>8}"
     lines = [header, "-" * len(header)]
     for r in results:
+        if r.get("timing_only"):
+            lines.append(f"{store.tag_of(r['method']):<22} {r['dataset']:<9} {r['images']:>6} {'timing only (no ImageNet weights)':>34} "
+                         f"{r['images_per_second']:>7.1f} {r['embed_seconds']:>8.1f}")
+            continue
         ns = f"{r['ns_score']:.3f}" if "ns_score" in r else "-"
         mp = f"{r['map']:.3f}" if "map" in r else "-"
         lines.append(

@@ -57,6 +57,9 @@ IMAGE_TABLE = T.StructType(
 EMBEDDING_TABLE = T.StructType(
     [
         T.StructField(IMAGE_ID, T.StringType(), False),
+        # The image bytes this row was computed from: an incremental embed reuses the row
+        # only while the image table still has the same hash for the image id.
+        T.StructField(CONTENT_SHA256, T.StringType(), True),
         T.StructField(BACKBONE, T.StringType(), False),
         # L2-normalised float32; null when the image could not be embedded (status=error).
         T.StructField(EMBEDDING, T.ArrayType(T.FloatType(), False), True),

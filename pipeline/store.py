@@ -6,6 +6,17 @@ last). A reader only accepts a folder that has ``_SUCCESS``, so an interrupted j
 leave a half-written table that a later job mistakes for a complete one; rerunning a job
 replaces the table whole, so reruns never duplicate rows.
 
+Replacing a table is two renames (old one aside to ``<name>.old-*``, staging in). A crash
+between them leaves only the ``.old-*`` copy; the next write of that table renames it
+back (:func:`recover_table`), so the last committed table is never lost (until then, readers
+report the table as missing rather than guess). Leftover
+``<name>.staging-*`` folders are deleted by the next write of the same table. One writer per
+table at a time: two jobs writing the same table concurrently is not supported.
+
+A table may carry a small ``_neardup.json`` (what produced it: settings, model fingerprint)
+written into the staging folder before the rename, so it is committed atomically with the
+data; Spark's Parquet reader ignores names starting with ``_``.
+
 Paths may be local or any Hadoop filesystem URI. Spark tables go through Hadoop's
 FileSystem (the same one Spark uses), small files (index shards, ``index.json``) through
 ``pyarrow.fs`` so executors can read and write them without the JVM.
@@ -26,6 +37,7 @@ from pyspark.sql import DataFrame, SparkSession
 log = logging.getLogger(__name__)
 
 SUCCESS_MARKER = "_SUCCESS"
+METADATA_FILE = "_neardup.json"
 
 
 def absolute_uri(path: str) -> str:
@@ -101,9 +113,14 @@ def is_committed(spark: SparkSession, uri: str) -> bool:
 
 
 def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = None,
-                partition_by: list[str] | None = None) -> None:
-    """Write ``df`` as Parquet to ``uri`` through a staging folder and commit by rename."""
+                partition_by: list[str] | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``df`` as Parquet to ``uri`` through a staging folder and commit by rename.
+
+    ``df`` may read the current table at ``uri`` (incremental jobs do): the old table is only
+    moved aside after the new one is completely written.
+    """
     spark = df.sparkSession
+    recover_table(spark, uri)
     staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
     writer = df.write.mode("errorifexists")
     if max_records_per_file:
@@ -112,10 +129,18 @@ def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = N
         writer = writer.partitionBy(*partition_by)
     try:
         writer.parquet(staging)
+        if metadata is not None:
+            write_json(f"{staging}/{METADATA_FILE}", metadata)
     except BaseException:
         remove(spark, staging)
         raise
     commit_folder(spark, staging, uri)
+
+
+def read_metadata(uri: str) -> dict[str, Any]:
+    """The ``_neardup.json`` committed with a table, or {} when it has none."""
+    target = f"{uri.rstrip('/')}/{METADATA_FILE}"
+    return read_json(target) if file_exists(target) else {}
 
 
 def commit_folder(spark: SparkSession, staging: str, uri: str) -> None:
@@ -162,6 +187,45 @@ def clean_stale_staging(spark: SparkSession, parent: str) -> None:
         if ".staging-" in name or ".old-" in name:
             fs.delete(status.getPath(), True)
             log.info("removed stale %s", status.getPath().toString())
+
+
+def recover_table(spark: SparkSession, uri: str) -> None:
+    """Undo what an interrupted write of ``uri`` left behind.
+
+    Only this table's own ``<name>.staging-*`` / ``<name>.old-*`` siblings are touched, so a
+    concurrent job writing a different table in the same folder is not disturbed. Only
+    writers call this; readers never rename or delete, so a read cannot break a write in flight.
+    """
+    uri = uri.rstrip("/")
+    fs, final = _hadoop_fs(spark, uri)
+    parent = final.getParent()
+    if parent is None or not fs.exists(parent):
+        return
+    name = final.getName()
+    staging, old = [], []
+    for status in fs.listStatus(parent):
+        other = status.getPath().getName()
+        if other.startswith(name + ".staging-"):
+            staging.append(status.getPath())
+        elif other.startswith(name + ".old-"):
+            old.append(status.getPath())
+    jvm = spark.sparkContext._jvm
+    final_committed = is_committed(spark, uri)
+    for path in old:
+        committed = fs.exists(jvm.org.apache.hadoop.fs.Path(path, SUCCESS_MARKER))
+        if not final_committed and committed:
+            # The crash fell between "old aside" and "new in": the old table is the last good one.
+            if fs.exists(final):
+                fs.delete(final, True)
+            if fs.rename(path, final):
+                final_committed = True
+                log.warning("restored %s from %s after an interrupted commit", uri, path.getName())
+                continue
+        fs.delete(path, True)
+        log.info("removed stale %s", path.toString())
+    for path in staging:
+        fs.delete(path, True)
+        log.info("removed uncommitted %s", path.toString())
 
 
 # ------------------------------------------------------------- small files

@@ -37,6 +37,12 @@ def validate_inputs(config: Config) -> None:
             raise ConfigError(f"input not found: {uri}")
         if local is not None and not os.access(local, os.R_OK):
             raise ConfigError(f"input not readable: {uri}")
+        if local is not None and os.path.isdir(local):
+            try:
+                with os.scandir(local):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"input folder cannot be listed: {uri} ({exc.strerror})") from exc
 
 
 # ------------------------------------------------------------------ stages
@@ -47,10 +53,13 @@ def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics.update({
         "files_total": report.total,
         **{f"files_{status}": report.by_status.get(status, 0) for status in S.STATUSES},
+        **{f"files_{change}": n for change, n in report.changes.items()},
         "error_fraction": report.error_fraction,
     })
     tracking.log_metrics(metrics)
-    tracking.log_dict_artifact({"by_status": report.by_status, "top_errors": report.top_errors},
+    # Reasons are logged as JSON strings (data), never interpolated into markup.
+    tracking.log_dict_artifact({"by_status": report.by_status, "top_errors": report.top_errors,
+                                "top_skipped": report.top_skipped, "changes": report.changes},
                                "ingest_report.json")
     print(format_ingest_report(report))
     if report.error_fraction > config.max_error_fraction:
@@ -64,21 +73,32 @@ def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def format_ingest_report(report: ing.IngestReport) -> str:
     lines = [f"files: {report.total}  " + "  ".join(f"{s}: {report.by_status.get(s, 0)}" for s in S.STATUSES)]
-    for reason, count in report.top_errors:
-        # repr(): a file name from the archive is shown as data, control characters escaped.
-        lines.append(f"  {count:>6}  {reason!r}")
+    if report.changes:
+        lines.append("since the previous ingest: " + "  ".join(f"{k}: {v}" for k, v in report.changes.items()))
+    for title, reasons in (("most common errors", report.top_errors), ("most common skip reasons", report.top_skipped)):
+        if reasons:
+            lines.append(f"{title}:")
+        for reason, count in reasons:
+            # repr(): text derived from the archive is shown as data, control characters escaped.
+            lines.append(f"  {count:>6}  {reason!r}")
     return "\n".join(lines)
 
 
-def embed_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -> dict[str, Any]:
+    """``incremental=False``: embed every image again, e.g. to time the model."""
     metrics: dict[str, Any] = {}
     with timed("model_load_driver", metrics):
         metrics["embedding_dim"] = em.check_model_loads(config)
     with timed("embed", metrics):
-        counts = em.embed(spark, config)
-    embedded = counts.get(S.STATUS_OK, 0)
-    metrics.update({"images_embedded": embedded, "embed_errors": counts.get(S.STATUS_ERROR, 0),
+        counts = em.embed(spark, config, incremental)
+    embedded = counts["embedded"]
+    metrics.update({"images_embedded": embedded, "embeddings_ok": counts.get(S.STATUS_OK, 0),
+                    "embed_errors": counts.get(S.STATUS_ERROR, 0),
+                    **{f"embeddings_{change}": counts[change] for change in ("reused", "new", "changed", "deleted")},
                     "images_per_second": embedded / metrics["embed_seconds"] if metrics["embed_seconds"] else 0.0})
+    print(f"embeddings: {counts.get(S.STATUS_OK, 0)} ok, {counts.get(S.STATUS_ERROR, 0)} failed; computed "
+          f"{embedded} ({counts['new']} new, {counts['changed']} changed), reused {counts['reused']}, "
+          f"dropped {counts['deleted']}")
     tracking.log_metrics(metrics)
     return metrics
 

@@ -48,7 +48,9 @@ def spark():
 
     from pipeline.session import BASE_CONF
 
-    builder = SparkSession.builder.master("local[2]").appName("neardup-tests")
+    # local[2,4]: up to 4 attempts per task, as on a cluster; plain local[2] gives each task a
+    # single attempt, and the fault tests check that Spark's retry recovers a killed worker.
+    builder = SparkSession.builder.master("local[2,4]").appName("neardup-tests")
     for key, value in {**BASE_CONF, "spark.sql.shuffle.partitions": "4",
                        "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
                        "spark.driver.memory": "2g"}.items():

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from pyspark.sql import functions as F
 
 from pipeline import index as ix
 from pipeline import metrics as M
