@@ -168,7 +168,7 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
         })
         if trained:
             mlflow.log_artifact(trained["artifact"], "postprocess")
-        m.update(workflow.embed_stage(spark, cfg))
+        m.update(workflow.embed_stage(spark, cfg, incremental=False))  # timings must be of real work
         m.update(workflow.index_stage(spark, cfg))
         k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
         with timed("search", m):
