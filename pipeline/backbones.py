@@ -161,7 +161,8 @@ class EmbeddingModel:
             if len(y.shape) == 4:  # a feature map: pool it here
                 y = descriptors.pool_feature_map(tf.cast(y, tf.float32), key.pooling, gem_p=key.gem_p,
                                                  rmac_levels=key.rmac_levels, l2_normalize=False)
-            return tf.math.l2_normalize(tf.cast(y, tf.float32), axis=-1)
+            # A tiny epsilon: random-weight (timing-only) networks give activations near 1e-10.
+            return tf.math.l2_normalize(tf.cast(y, tf.float32), axis=-1, epsilon=1e-30)
 
         self._embed = embed
         self.whitening = None

@@ -41,7 +41,7 @@ def read_descriptors(config: Config) -> tuple[list[str], np.ndarray, float]:
     vectors: list[np.ndarray] = []
     started = time.perf_counter()
     with make_batch_reader(url, schema_fields=[S.IMAGE_ID, S.CONTENT, S.STATUS], num_epochs=1,
-                           workers_count=1) as reader:
+                           workers_count=1, reader_pool_type="dummy") as reader:
         for batch in reader:  # column batches (numpy); rows whose content is null are error rows
             keep = [i for i, status in enumerate(batch.status)
                     if _text(status) == S.STATUS_OK and batch.content[i] is not None]

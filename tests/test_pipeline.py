@@ -119,7 +119,7 @@ def test_image_table_is_readable_through_petastorm(demo_run):
     url = store.Workdir.of(config.workdir).images
     seen = 0
     with make_batch_reader(url, schema_fields=[S.IMAGE_ID, S.WIDTH, S.STATUS], num_epochs=1,
-                           workers_count=1) as reader:
+                           workers_count=1, reader_pool_type="dummy") as reader:
         for batch in reader:
             seen += len(batch.image_id)
             assert set(batch.status) == {S.STATUS_OK}
