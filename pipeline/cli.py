@@ -34,9 +34,15 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--dataset": ("evaluate.dataset", {}),
         "--input": ("evaluate.input", {}),
         "--backbones": ("evaluate.backbones", {}),
+        # Backbones and classical methods in one list; all-classical expands to every classical one.
+        "--methods": ("evaluate.backbones", {}),
         "--json-out": ("evaluate.json_out", {}),
         "--weights": ("embed.weights", {}),
         "--threshold": ("dedup.threshold", {"type": float}),
+    },
+    "train": {
+        "--method": ("embed.backbone", {}),
+        "--input": ("classical.train_input", {"nargs": "+"}),
     },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
@@ -50,7 +56,8 @@ HELP = {
     "embed": "embed the image table with a CNN backbone",
     "index": "build the sharded FAISS index from the embedding table",
     "dedup": "search all images against the index; write pairs and groups",
-    "evaluate": "score backbones on UKBench or Holidays",
+    "evaluate": "score backbones and classical methods on UKBench or Holidays",
+    "train": "train a classical method's vocabulary / GMM on a training collection",
     "run": "ingest, embed, index and dedup in one go",
 }
 
@@ -89,7 +96,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
 
 
 def job_function(job: str) -> Callable:
-    from pipeline import evaluate, workflow
+    from pipeline import evaluate, train_classical, workflow
 
     return {
         "ingest": workflow.ingest_job,
@@ -97,6 +104,7 @@ def job_function(job: str) -> Callable:
         "index": workflow.index_job,
         "dedup": workflow.dedup_job,
         "evaluate": evaluate.evaluate,
+        "train": train_classical.train_job,
         "run": workflow.run_job,
     }[job]
 
@@ -121,7 +129,9 @@ def check_backbones_load(job: str, config: Config) -> None:
     if job in ("embed", "run"):
         embed.check_model_loads(config)
     elif job == "evaluate":
-        for backbone in config.evaluate.backbones:
+        from pipeline import classical
+
+        for backbone in classical.expand_methods(config.evaluate.backbones):
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
             embed.check_model_loads(cfg)

@@ -123,7 +123,11 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     workdir = store.Workdir.of(config.workdir)
     method = config.embed.backbone
     neighbors = search_neighbors(spark, config, config.dedup.k + 1)  # +1: the query finds itself
-    pairs = pairs_from_neighbors(neighbors, config.dedup.threshold)
+    from pipeline import classical_stage
+
+    metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
+    threshold = classical_stage.effective_threshold(config, metric)  # dedup.hamming_bits for hashes
+    pairs = pairs_from_neighbors(neighbors, threshold)
     store.write_table(pairs, workdir.pairs(method))
     pairs = store.read_table(spark, workdir.pairs(method), "pairs table")
     images = store.read_table(spark, workdir.images, "image table")
@@ -136,5 +140,5 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         "images_in_groups": groups.count(),
         "images_to_remove": groups.where(~F.col(S.KEEP)).count(),
     }
-    log.info("dedup %s at threshold %.3f: %s", method, config.dedup.threshold, counts)
+    log.info("dedup %s at threshold %.3f: %s", method, threshold, counts)
     return counts

@@ -139,6 +139,12 @@ def _die_once(marker: str) -> None:
 
 
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        return classical_stage.build_embedding_table(spark, config, images)
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.CONTENT)
     # At least one partition per core, so a small corpus still uses every executor core.
     n = max(ok.rdd.getNumPartitions(), spark.sparkContext.defaultParallelism)
@@ -161,6 +167,12 @@ def check_model_loads(config: Config) -> int:
 
     Returns the embedding dimension.
     """
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        return classical_stage.check_method(config)
     return backbones.load_embedding_model(model_key(config)).dim
 
 

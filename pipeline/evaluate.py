@@ -80,13 +80,18 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
         images = store.read_table(spark, store.Workdir.of(config.workdir).images, "image table")
         name_of = {r[S.IMAGE_ID]: posixpath.basename(r[S.PATH]) for r in images.select(S.IMAGE_ID, S.PATH).collect()}
         n_images = sum(1 for name in name_of.values() if name in truth.group_of)
-        for backbone in ev.backbones:
+        from pipeline import classical, classical_stage
+
+        for backbone in classical.expand_methods(ev.backbones):  # all-classical: every classical method
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
             results.append(_evaluate_backbone(spark, cfg, truth, name_of, n_images, ingest_metrics))
         table = format_table(results)
         print(table)
         tracking.log_text_artifact(table, "comparison.txt")
+        study = classical_stage.study_table(results, config.classical.compare_with)
+        print(study)
+        tracking.log_text_artifact(study, "study_table.txt")
         tracking.log_dict_artifact(results, "results.json")
     if ev.json_out:
         store.write_json(store.absolute_uri(ev.json_out), results)
@@ -99,13 +104,20 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
     with tracking.mlflow_run(cfg, store.tag_of(backbone), nested=True, tags={"backbone": backbone}) as run:
         import mlflow
 
+        from pipeline import classical, classical_stage
+
+        is_classical = classical.is_classical(backbone)
         mlflow.log_params({
             "backbone": backbone, "weights": cfg.embed.weights,
-            "input_size": backbones.input_size_of(backbone, cfg.embed.input_size),
+            "input_size": None if is_classical else backbones.input_size_of(backbone, cfg.embed.input_size),
             "pooling": "avg", "index_type": cfg.index.type, "threshold": cfg.dedup.threshold,
             "spark_master": spark.sparkContext.master, "dataset": cfg.evaluate.dataset,
+            **(classical_stage.mlflow_params(cfg) if is_classical else {}),
         })
         m: dict[str, Any] = {}
+        if is_classical:  # train or reuse the vocabulary here, so the result can name it
+            cfg, train_metrics = classical_stage.prepare(spark, cfg)
+            m.update(train_metrics)
         m.update(workflow.embed_stage(spark, cfg))
         m.update(workflow.index_stage(spark, cfg))
         k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
@@ -135,6 +147,8 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "ingest_seconds": ingest_metrics["ingest_seconds"],
             "embedding_dim": m["embedding_dim"],
             "mlflow_run_id": run.info.run_id,
+            **(classical_stage.result_extras(cfg) if is_classical else {}),
+            **({"train_seconds": m["train_seconds"]} if "train_seconds" in m else {}),
         }
 
 
