@@ -161,3 +161,16 @@ def test_config_accepts_classical_names_and_rejects_bad_ones(tmp_path):
     with pytest.raises(ConfigError, match="needs a trained vocabulary"):
         run_job("evaluate", cfg.with_overrides(evaluate__backbones=["phash", "bow"],
                                                evaluate__input=str(tmp_path)))
+
+
+def test_cli_methods_alias_and_train_options():
+    from pipeline.cli import JOB_OPTIONS, build_parser, config_from_args
+
+    parser = build_parser(list(JOB_OPTIONS))
+    args = parser.parse_args(["evaluate", "--methods", "all-classical,mobilenet",
+                              "--set", "classical.train_input=/data/other"])
+    cfg = config_from_args("evaluate", args)
+    assert cfg.evaluate.backbones == ["all-classical", "mobilenet"]
+    assert cfg.classical.train_input == ["/data/other"]
+    cfg = config_from_args("train", parser.parse_args(["train", "--method", "vlad-ssr", "--input", "/a", "/b"]))
+    assert cfg.embed.backbone == "vlad-ssr" and cfg.classical.train_input == ["/a", "/b"]
