@@ -1,4 +1,5 @@
-"""spark-submit entry point: `spark-submit jobs/train.py --input DIR ...` (learns embed.postprocess)."""
+"""spark-submit entry point: `spark-submit jobs/train.py --input DIR ...`: learns embed.postprocess,
+or with `--method vlad-ssr` a classical method's vocabulary (see README)."""
 import sys
 
 from pipeline.cli import job_main

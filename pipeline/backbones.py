@@ -70,14 +70,18 @@ def is_model_file(backbone: str) -> bool:
 
 def validate_spec(backbone: str, weights: str, preprocess: str | None) -> None:
     """Cheap checks, no TensorFlow: unknown names and missing files fail here."""
+    from pipeline import classical
     from pipeline.config import ConfigError
 
+    if classical.is_classical(backbone):
+        return  # a classical method (pipeline.classical); its options are checked by classical_stage
     if is_model_file(backbone):
         if "://" not in backbone and not Path(backbone).is_file():
             raise ConfigError(f"embed.backbone: model file not found: {backbone}")
     elif backbone not in REGISTRY:
         raise ConfigError(
-            f"unknown backbone {backbone!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a .keras model file"
+            f"unknown backbone {backbone!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a .keras model file, "
+            f"or a classical method: {', '.join(classical.CLASSICAL_METHODS)}"
         )
     if preprocess is not None and preprocess not in PREPROCESS_MODES:
         raise ConfigError(f"embed.preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
@@ -247,10 +251,10 @@ def _feature_model_from_file(path: str, layer_name: str | None):
             layer = model.get_layer(layer_name)
         except ValueError as exc:
             raise ValueError(f"layer {layer_name!r} not found in {path}; layers: "
-                             f"{', '.join(l.name for l in model.layers[-8:])} ...") from exc
+                             f"{', '.join(lay.name for lay in model.layers[-8:])} ...") from exc
     else:
-        pools = [l for l in model.layers
-                 if isinstance(l, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))]
+        pools = [lay for lay in model.layers
+                 if isinstance(lay, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))]
         if not pools:
             raise ValueError(f"{path} has no global pooling layer; name the embedding layer with embed.layer")
         layer = pools[-1]

@@ -132,6 +132,30 @@ def _known_names() -> str:
     return ", ".join(sorted(CLASSICAL_METHODS))
 
 
+#: The pseudo-name that ``evaluate --methods`` expands to every registered classical method.
+ALL_CLASSICAL = "all-classical"
+
+
+def is_classical(name: str) -> bool:
+    """Whether ``name`` is a classical method (rather than a CNN backbone or a .keras file)."""
+    return name in CLASSICAL_METHODS
+
+
+def is_binary_method(name: str) -> bool:
+    """Whether ``name`` is a perceptual hash: bit vectors, Hamming distance."""
+    return name in CLASSICAL_METHODS and CLASSICAL_METHODS[name].family == "hash"
+
+
+def expand_methods(names: Iterable[str]) -> list[str]:
+    """Expand ``all-classical`` into every classical method (registry order), dropping repeats."""
+    out: list[str] = []
+    for name in names:
+        for n in (list(CLASSICAL_METHODS) if name == ALL_CLASSICAL else [name]):
+            if n not in out:
+                out.append(n)
+    return out
+
+
 def get_method(name: str, artifact_path: str | None = None, **options: Any) -> "ClassicalMethod":
     """Build a classical method by registry name.
 

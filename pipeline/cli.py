@@ -34,6 +34,8 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--dataset": ("evaluate.dataset", {}),
         "--input": ("evaluate.input", {}),
         "--backbones": ("evaluate.backbones", {}),
+        # Backbones and classical methods in one list; all-classical expands to every classical one.
+        "--methods": ("evaluate.backbones", {}),
         "--json-out": ("evaluate.json_out", {}),
         "--weights": ("embed.weights", {}),
         "--threshold": ("dedup.threshold", {"type": float}),
@@ -45,6 +47,7 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--dim": ("train.dim", {"type": int}),
         "--power": ("train.power", {"type": float}),
         "--output": ("train.output", {}),
+        "--method": ("embed.backbone", {}),
     },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
@@ -58,8 +61,8 @@ HELP = {
     "embed": "embed the image table with a CNN backbone",
     "index": "build the sharded FAISS index from the embedding table",
     "dedup": "search all images against the index; write pairs and groups",
-    "evaluate": "score backbones on UKBench or Holidays",
-    "train": "learn the embedding post-processing (PCA-whitening) on another image collection, via petastorm",
+    "evaluate": "score backbones and classical methods on UKBench or Holidays",
+    "train": "learn the embedding post-processing (PCA-whitening) on another collection via petastorm, or with --method a classical method's vocabulary / GMM",
     "run": "ingest, embed, index and dedup in one go",
 }
 
@@ -85,7 +88,7 @@ def add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
 
 def config_from_args(job: str, args: argparse.Namespace) -> Config:
     overrides = list(args.set)
-    for option, (key, _) in {**COMMON, **JOB_OPTIONS[job]}.items():
+    for key, _ in {**COMMON, **JOB_OPTIONS[job]}.values():
         value = getattr(args, key, None)
         if value is None:
             continue
@@ -98,10 +101,10 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
 
 
 def job_function(job: str) -> Callable:
-    from pipeline import evaluate, train, workflow
+    from pipeline import evaluate, workflow
 
     return {
-        "train": train.train,
+        "train": train_dispatch,
         "ingest": workflow.ingest_job,
         "embed": workflow.embed_job,
         "index": workflow.index_job,
@@ -111,11 +114,31 @@ def job_function(job: str) -> Callable:
     }[job]
 
 
+def train_dispatch(spark, config: Config) -> Any:
+    """``train``: a classical method's vocabulary (``--method vlad-ssr``), else the CNN post-processing."""
+    from pipeline import classical, train, train_classical
+
+    if classical.is_classical(config.embed.backbone):
+        return train_classical.train_job(spark, config)
+    return train.train(spark, config)
+
+
+def _train_inputs_for_classical(config: Config) -> Config:
+    """``train --method M --input DIR``: the folders are the classical method's training set."""
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone) and config.train.input and not config.classical.train_input:
+        return config.with_overrides(classical__train_input=config.train.input)
+    return config
+
+
 def run_job(job: str, config: Config) -> Any:
     """Validate, start (or reuse) Spark, run one job."""
     from pipeline import workflow
     from pipeline.session import spark_session
 
+    if job == "train":
+        config = _train_inputs_for_classical(config)
     config.validate()
     if job in ("ingest", "run"):
         workflow.validate_inputs(config)
@@ -133,7 +156,9 @@ def check_backbones_load(job: str, config: Config) -> None:
     if job in ("embed", "run", "train"):
         embed.check_model_loads(config.with_overrides(embed__postprocess=None) if job == "train" else config)
     elif job == "evaluate":
-        names = expand_backbones(config.evaluate.backbones)
+        from pipeline import classical
+
+        names = expand_backbones(classical.expand_methods(config.evaluate.backbones))
         for backbone in names:
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()

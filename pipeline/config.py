@@ -108,6 +108,9 @@ class DedupSettings:
     # similarity per neighbour: finds near-duplicates stored rotated by 90 degrees.
     rotations: list[int] = field(default_factory=lambda: [0])
 
+    # Perceptual hashes only: pairs within this many differing bits (overrides threshold for them).
+    hamming_bits: int | None = None
+
 
 @dataclass
 class TrainSettings:
@@ -136,6 +139,23 @@ class EvaluateSettings:
 
 
 @dataclass
+class ClassicalSettings:
+    """Classical methods (pipeline.classical): where their trained vocabularies come from."""
+
+    # method -> trained artifact (.npz, local path or URI); wins over training.
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    # Image folders to train vocabularies on when no artifact is given; never the evaluated set.
+    train_input: list[str] = field(default_factory=list)
+    # method -> option overrides of the registry defaults, e.g. {vlad-ssr: {k: 16}}.
+    options: dict[str, Any] = field(default_factory=dict)
+    max_descriptors: int = 200_000
+    seed: int = 0
+    niter: int = 20
+    # Earlier evaluate JSON outputs (other datasets) merged into one study table.
+    compare_with: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MlflowSettings:
     # None: a sqlite store inside the workdir (the embedded default).
     tracking_uri: str | None = None
@@ -152,6 +172,7 @@ class Config:
     dedup: DedupSettings = field(default_factory=DedupSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    classical: ClassicalSettings = field(default_factory=ClassicalSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     max_error_fraction: float = 0.05
 
@@ -212,6 +233,11 @@ class Config:
             raise ConfigError(f"ingest.max_shard_bytes must be >= 1024, got {self.ingest.max_shard_bytes!r}")
         validate_descriptor_options(self)
         backbones.validate_spec(self.embed.backbone, self.embed.weights, self.embed.preprocess)
+        if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
+            raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
+        from pipeline import classical_stage
+
+        classical_stage.validate(self)
         if self.evaluate.dataset not in ("ukbench", "holidays"):
             raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
         return self

@@ -40,6 +40,12 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
       ``<workdir>/derived/rot<deg>``), keeping each neighbour's best similarity;
     * ``qe_k > 0``: alpha-query expansion, a second search with expanded queries.
     """
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        # Rotated queries and re-ranking are defined for CNN descriptors (DBA would average hash
+        # bits); classical baselines are searched as published.
+        config = config.with_overrides(dedup__rotations=[0], dedup__dba_k=0, dedup__qe_k=0)
     d = config.dedup
     index_cfg = ensure_dba(spark, config) if d.dba_k > 1 else config
     if queries is None:
@@ -265,7 +271,11 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     workdir = store.Workdir.of(config.workdir)
     method = config.embed.backbone
     neighbors = search_neighbors(spark, config, config.dedup.k + 1)  # +1: the query finds itself
-    pairs = pairs_from_neighbors(neighbors, config.dedup.threshold)
+    from pipeline import classical_stage
+
+    metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
+    threshold = classical_stage.effective_threshold(config, metric)  # dedup.hamming_bits for hashes
+    pairs = pairs_from_neighbors(neighbors, threshold)
     store.write_table(pairs, workdir.pairs(method))
     pairs = store.read_table(spark, workdir.pairs(method), "pairs table")
     images = store.read_table(spark, workdir.images, "image table")
@@ -278,5 +288,5 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         "images_in_groups": groups.count(),
         "images_to_remove": groups.where(~F.col(S.KEEP)).count(),
     }
-    log.info("dedup %s at threshold %.3f: %s", method, config.dedup.threshold, counts)
+    log.info("dedup %s at threshold %.3f: %s", method, threshold, counts)
     return counts

@@ -241,6 +241,12 @@ def _die_once(marker: str) -> None:
 
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
     """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content)."""
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        return classical_stage.build_embedding_table(spark, config, images)
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
     # At least one partition per core, so a small corpus still uses every executor core.
@@ -265,6 +271,12 @@ def check_model_loads(config: Config) -> int:
 
     Returns the embedding dimension.
     """
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        return classical_stage.check_method(config)
     return backbones.load_embedding_model(model_key(config)).dim
 
 
@@ -286,7 +298,19 @@ def model_fingerprint(config: Config) -> dict:
         if isinstance(value, str) and value and os.path.isfile(value):
             st = os.stat(value)
             files[value] = [st.st_size, int(st.st_mtime_ns)]
-    key = {k: v for k, v in dataclasses.asdict(model_key(config)).items()}
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        name = config.embed.backbone
+        artifact = classical_stage.artifact_uri(config, name)
+        key = {"classical": name, "options": classical_stage.options_for(config, name), "artifact": artifact}
+        if artifact and os.path.isfile(store.local_path_of(artifact) or ""):
+            st = os.stat(store.local_path_of(artifact))
+            files[artifact] = [st.st_size, int(st.st_mtime_ns)]
+    else:
+        key = dataclasses.asdict(model_key(config))
     return json.loads(json.dumps({"settings": settings, "model": key, "files": files,
                                   "max_pixels": config.ingest.max_pixels,
                                   "schema": S.EMBEDDING_TABLE.simpleString()}, sort_keys=True, default=str))

@@ -7,7 +7,6 @@ configured threshold. One MLflow parent run, one nested run per backbone.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import posixpath
@@ -124,7 +123,9 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
         images = store.read_table(spark, store.Workdir.of(config.workdir).images, "image table")
         name_of = {r[S.IMAGE_ID]: posixpath.basename(r[S.PATH]) for r in images.select(S.IMAGE_ID, S.PATH).collect()}
         n_images = sum(1 for name in name_of.values() if name in truth.group_of)
-        for backbone in expand_backbones(ev.backbones):
+        from pipeline import classical, classical_stage
+
+        for backbone in expand_backbones(classical.expand_methods(ev.backbones)):
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
             if not weights_available(cfg):
@@ -135,6 +136,9 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
         table = format_table(results)
         print(table)
         tracking.log_text_artifact(table, "comparison.txt")
+        study = classical_stage.study_table(results, config.classical.compare_with)
+        print(study)
+        tracking.log_text_artifact(study, "study_table.txt")
         tracking.log_dict_artifact(results, "results.json")
     if ev.json_out:
         store.write_json(store.absolute_uri(ev.json_out), results)
@@ -147,9 +151,18 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
     with tracking.mlflow_run(cfg, store.tag_of(backbone), nested=True, tags={"backbone": backbone}) as run:
         import mlflow
 
+        from pipeline import classical, classical_stage
+
+        is_classical = classical.is_classical(backbone)
         m: dict[str, Any] = {}
         trained = None
-        if cfg.evaluate.train_input:
+        if is_classical:
+            # Classical baselines are searched as published: no rotations or re-ranking. Their
+            # vocabulary is trained (or reused) here, so the result can name it.
+            cfg = cfg.with_overrides(dedup__rotations=[0], dedup__dba_k=0, dedup__qe_k=0)
+            cfg, train_metrics = classical_stage.prepare(spark, cfg)
+            m.update(train_metrics)
+        elif cfg.evaluate.train_input:
             # The post-processing is learned on ANOTHER collection, never on the evaluated one.
             train_name = f"{store.tag_of(backbone)}-{store.tag_of(posixpath.basename(cfg.evaluate.train_input.rstrip('/')))}"
             trained = train_job.train(spark, cfg.with_overrides(train__input=[cfg.evaluate.train_input],
@@ -158,10 +171,13 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             m["train_seconds"] = trained.get("ingest_seconds", 0.0) + trained["train_embed_seconds"]
         mlflow.log_params({
             "backbone": backbone, "weights": cfg.embed.weights,
-            **descriptor_params(cfg),
-            "postprocess_version": trained["version"] if trained else (
-                _postprocess_version(cfg) if cfg.embed.postprocess else "none"),
-            "train_input": cfg.evaluate.train_input or "none",
+            **({} if is_classical else descriptor_params(cfg)),
+            **(classical_stage.mlflow_params(cfg) if is_classical else {}),
+            # A classical method's training set and artifact are logged by classical_stage.prepare.
+            **({} if is_classical else {
+                "postprocess_version": trained["version"] if trained else (
+                    _postprocess_version(cfg) if cfg.embed.postprocess else "none"),
+                "train_input": cfg.evaluate.train_input or "none"}),
             "index_type": cfg.index.type, "threshold": cfg.dedup.threshold,
             "spark_master": spark.sparkContext.master, "dataset": cfg.evaluate.dataset,
             "timing_only": False,
@@ -199,9 +215,10 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "search_seconds": m["search_seconds"],
             "train_seconds": m.get("train_seconds", 0.0),
             "embedding_dim": m["embedding_dim"],
-            "options": descriptor_params(cfg),
+            "options": classical_stage.mlflow_params(cfg) if is_classical else descriptor_params(cfg),
             "timing_only": False,
             "mlflow_run_id": run.info.run_id,
+            **(classical_stage.result_extras(cfg) if is_classical else {}),
         }
 
 

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 INDEX_JSON = "index.json"
 TRAINED = "trained.faiss"
+# Perceptual hashes (pipeline.classical): 0/1 floats in the table, packed bits in a FAISS
+# binary index searched by Hamming distance, reported as the similarity 1 - d / bits.
+BINARY_FLAT = "BinaryIDMap,BinaryFlat"
 
 
 # ------------------------------------------------------------ FAISS helpers
@@ -71,6 +74,8 @@ def needs_training(settings: IndexSettings) -> bool:
 def new_index(description: str, dim: int):
     import faiss
 
+    if description == BINARY_FLAT:
+        return faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(dim))
     return faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
 
 
@@ -103,17 +108,36 @@ def train_index(description: str, dim: int, sample: np.ndarray, use_gpu: str = "
 def serialize(index) -> bytes:
     import faiss
 
+    if isinstance(index, faiss.IndexBinary):
+        return faiss.serialize_index_binary(index).tobytes()
     return faiss.serialize_index(index).tobytes()
 
 
 def deserialize(data: bytes):
     import faiss
 
+    # Every FAISS binary index's fourcc starts with "IB" (IBMp, IBxF ...), no float one does.
+    if data[:2] == b"IB":
+        return faiss.deserialize_index_binary(np.frombuffer(data, dtype=np.uint8))
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def is_binary_index(index) -> bool:
+    import faiss
+
+    return isinstance(index, faiss.IndexBinary)
+
+
+def pack_bits(vectors: np.ndarray) -> np.ndarray:
+    """0.0 / 1.0 floats (the embedding table's form of a hash) -> packed uint8 bits."""
+    return np.packbits(np.asarray(vectors) > 0.5, axis=1)
 
 
 def set_search_params(index, settings: IndexSettings) -> None:
     import faiss
+
+    if isinstance(index, faiss.IndexBinary):
+        return  # exact binary search: nothing to tune
 
     try:
         faiss.extract_index_ivf(index).nprobe = settings.nprobe
@@ -165,12 +189,17 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
         raise ValueError(f"the embedding table for {method} has no embedded images: nothing to index")
     dim = len(rows.select(S.EMBEDDING).first()[0])
     n_shards = min(settings.shards, n)
-    description = factory_string(settings, n, dim)
+    from pipeline import classical
+
+    binary = classical.is_binary_method(method)
+    if binary and settings.type != "flat":
+        log.warning("%s is a binary hash: index.type=%s ignored, using an exact binary index", method, settings.type)
+    description = BINARY_FLAT if binary else factory_string(settings, n, dim)
     final_dir = workdir.index_dir(method)
     staging = f"{final_dir}.staging-{uuid.uuid4().hex[:12]}"
 
     trained_path = None
-    if needs_training(settings):
+    if needs_training(settings) and not binary:
         fraction = min(1.0, settings.train_sample / n * 1.2)
         sample = np.array([r[0] for r in rows.select(S.EMBEDDING).sample(fraction=fraction, seed=0)
                            .limit(settings.train_sample).collect()], dtype=np.float32)
@@ -189,9 +218,9 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     rows.unpersist()
 
     meta = {
-        "type": settings.type,
+        "type": "flat" if binary else settings.type,
         "factory": description,
-        "metric": "inner_product",
+        "metric": "hamming" if binary else "inner_product",
         "dimension": dim,
         "count": n,
         "backbone": method,
@@ -227,6 +256,8 @@ def _shard_builder(staging: str, description: str, dim: int, trained_path: str |
                 if shard not in indexes:
                     indexes[shard] = deserialize(template) if template else new_index(description, dim)
                 vectors = np.stack(rows[S.EMBEDDING].to_numpy()).astype(np.float32)
+                if is_binary_index(indexes[shard]):
+                    vectors = pack_bits(vectors)
                 indexes[shard].add_with_ids(vectors, rows[S.FAISS_ID].to_numpy(dtype=np.int64))
                 seconds[shard] = seconds.get(shard, 0.0) + time.perf_counter() - started
         for shard, index in sorted(indexes.items()):
@@ -262,7 +293,11 @@ def search_shards(shards: list, queries: np.ndarray, k: int) -> tuple[np.ndarray
         kk = min(k, index.ntotal)
         if kk == 0:
             continue
-        d, i = index.search(queries, kk)
+        if is_binary_index(index):  # Hamming distance -> similarity on the threshold's scale
+            d, i = index.search(pack_bits(queries), kk)
+            d = 1.0 - d.astype(np.float32) / index.d
+        else:
+            d, i = index.search(queries, kk)
         sims.append(d)
         ids.append(i)
     sim = np.concatenate(sims, axis=1)

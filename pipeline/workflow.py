@@ -87,6 +87,14 @@ def format_ingest_report(report: ing.IngestReport) -> str:
 def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -> dict[str, Any]:
     """``incremental=False``: embed every image again, e.g. to time the model."""
     metrics: dict[str, Any] = {}
+    from pipeline import classical
+
+    if classical.is_classical(config.embed.backbone):
+        from pipeline import classical_stage
+
+        # Train (or reuse) a vocabulary before the embed timing starts.
+        config, train_metrics = classical_stage.prepare(spark, config)
+        metrics.update(train_metrics)
     with timed("model_load_driver", metrics):
         metrics["embedding_dim"] = em.check_model_loads(config)
     with timed("embed", metrics):

@@ -5,7 +5,6 @@ import csv
 import shutil
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from pipeline.cli import run_job
