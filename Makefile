@@ -39,8 +39,10 @@ bench: setup seed-weights
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 
+# Re-pin after changing dependencies: the CPU set from the venv, the GPU extra kept by hand.
 lock:
-	$(PIP) freeze --exclude-editable | grep -v '^neardup' > constraints.txt.new && mv constraints.txt.new constraints.txt
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -iv '^neardup'; \
+	  sed -n '/^# GPU extra/,$$p' constraints.txt; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo-work demo-work-corpus demo-work-corpus-groundtruth.csv spark-warehouse .pytest_cache
