@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--master", default="local[*]")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tf-threads", type=int, default=1,
+                        help="embed.tf_threads: TensorFlow threads per Python worker (0: TF default)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -108,9 +110,10 @@ def main(argv=None) -> int:
     # pipeline's overhead and overlap, not a different descriptor.
     config = Config.load(None, [f"workdir={work}", f"ingest.input=[{args.data}]", f"spark.master={args.master}",
                                 f"embed.backbone={args.backbone}", f"embed.batch_size={args.batch_size}",
-                                "embed.input=squash", "embed.trim_borders=false"])
+                                "embed.input=squash", "embed.trim_borders=false", f"embed.tf_threads={args.tf_threads}"])
     default_descriptor = Config.load(None, [f"workdir={work}", f"ingest.input=[{args.data}]",
-                                            f"spark.master={args.master}", f"embed.backbone={args.backbone}"])
+                                            f"spark.master={args.master}", f"embed.backbone={args.backbone}",
+                                            f"embed.tf_threads={args.tf_threads}"])
     t = time.perf_counter()
     with spark_session(config) as spark:
         startup["spark_session_s"] = time.perf_counter() - t
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
         "images": len(files),
         "backbone": args.backbone,
         "batch_size": args.batch_size,
+        "tf_threads_per_worker": args.tf_threads,
         "spark_master": master,
         "spark_default_parallelism": parallelism,
         "plain_images_per_second": plain,

@@ -277,6 +277,24 @@ def load_embedding_model(key: ModelKey) -> EmbeddingModel:
 _DEVICES_CONFIGURED = False
 
 
+def configure_tensorflow_threads(threads: int) -> None:
+    """Cap TensorFlow's CPU threads per Python worker (0: TensorFlow's default, all cores).
+
+    Spark already runs one task per core; with TensorFlow's default every worker spawns a
+    thread per core too, and the workers fight over the cores. Must run before TensorFlow
+    executes anything in this process (it is fixed at the first op).
+    """
+    if threads <= 0:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already initialised in this worker: keep what it has
+        pass
+
+
 def configure_tensorflow_devices() -> None:
     """Pin TensorFlow to the GPU that Spark assigned to this task, with memory growth.
 

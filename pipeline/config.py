@@ -77,6 +77,9 @@ class EmbedSettings:
     # A test hook for fault-tolerance tests: the first attempt of the task whose partition
     # holds this image id kills its Python worker once (see pipeline.embed).
     fail_once_on_image: str | None = None
+    # TensorFlow CPU threads per Python worker (0: TensorFlow's default, one per core). Spark runs
+    # a task per core already, so one thread each avoids oversubscription (measured: make bench).
+    tf_threads: int = 1
 
 
 @dataclass

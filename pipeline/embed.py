@@ -216,8 +216,11 @@ def make_embed_udf(config: Config):
     marker = (store.local_path_of(store.Workdir.of(config.workdir).join("_fault_injected"))
               if fail_once_on else None)
 
+    threads = config.embed.tf_threads
+
     @F.pandas_udf(EMBED_RESULT)
     def embed_udf(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        backbones.configure_tensorflow_threads(threads)
         model = backbones.load_embedding_model(key)
         for ids, contents in batches:
             if fail_once_on is not None and fail_once_on in set(ids) and not os.path.exists(marker):
@@ -281,7 +284,7 @@ def check_model_loads(config: Config) -> int:
 
 
 # Embed settings that change how fast, not what, is computed.
-_NOT_IN_FINGERPRINT = ("batch_size", "arrow_batch_rows", "fail_once_on_image")
+_NOT_IN_FINGERPRINT = ("batch_size", "arrow_batch_rows", "fail_once_on_image", "tf_threads")
 
 
 def model_fingerprint(config: Config) -> dict:
