@@ -5,6 +5,8 @@ argument checks use the registry); :func:`load_embedding_model` does, on first u
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -265,12 +267,22 @@ _MODEL_CACHE: dict[ModelKey, EmbeddingModel] = {}
 
 
 def load_embedding_model(key: ModelKey) -> EmbeddingModel:
-    """Load once per Python process: Spark reuses its Python workers across tasks."""
-    model = _MODEL_CACHE.get(key)
+    """Load once per Python process: Spark reuses its Python workers across tasks.
+
+    One network per worker: a different one replaces it (``evaluate`` over many backbones
+    would otherwise hold them all). ``rotation`` only changes decoding, so the rotated
+    query passes share the loaded network.
+    """
+    network = dataclasses.replace(key, rotation=0)
+    model = _MODEL_CACHE.get(network)
     if model is None:
         configure_tensorflow_devices()
         log.info("loading backbone %s (weights=%s)", key.backbone, key.weights)
-        model = _MODEL_CACHE[key] = EmbeddingModel(key)
+        _MODEL_CACHE.clear()
+        model = _MODEL_CACHE[network] = EmbeddingModel(network)
+    if key.rotation:
+        model = copy.copy(model)
+        model.key = key
     return model
 
 

@@ -250,15 +250,17 @@ def build_embedding_table(spark, config: Config, images):
     if not method.is_trained:
         raise ConfigError(f"{name} has no trained artifact; run `neardup train --method {name}` "
                           f"or set classical.train_input")
-    ok = images.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.CONTENT)
+    ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
+    ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
     # SIFT is CPU-bound and per image: a few partitions per core even out slow images.
     n = max(ok.rdd.getNumPartitions(), 2 * spark.sparkContext.defaultParallelism)
     ok = ok.repartition(n)
     result = make_classical_udf(config)(F.col(S.IMAGE_ID), F.col(S.CONTENT))
     return (
-        ok.select(F.col(S.IMAGE_ID), result.alias("r"))
+        ok.select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
         .select(
             F.col(S.IMAGE_ID),
+            F.col(S.CONTENT_SHA256),
             F.lit(store.tag_of(name)).alias(S.BACKBONE),
             F.col("r." + S.EMBEDDING).alias(S.EMBEDDING),
             F.when(F.col("r." + S.ERROR).isNull(), F.lit(S.STATUS_OK)).otherwise(F.lit(S.STATUS_ERROR)).alias(S.STATUS),
@@ -318,7 +320,7 @@ def study_table(results: list[dict[str, Any]], compare_with: Sequence[str] = ())
     for r in rows:
         m = by_method.setdefault(r["method"], {})
         m[r["dataset"]] = r
-    header = (f"{'method':<18} {'Holidays mAP':>12} {'(std AP)':>9} {'UKBench N-S':>11} "
+    header = (f"{'method':<18} {'Holidays mAP':>12} {'(INRIA)':>9} {'UKBench N-S':>11} "
               f"{'img/s hol':>9} {'img/s ukb':>9} {'dims':>6}")
     lines = [header, "-" * len(header)]
     for method, d in by_method.items():
@@ -326,11 +328,11 @@ def study_table(results: list[dict[str, Any]], compare_with: Sequence[str] = ())
         any_r = h or u
         lines.append(
             f"{store.tag_of(method):<18} "
-            f"{_fmt(h.get('map_inria_trapezoid'), 12)} {_fmt(h.get('map'), 9)} {_fmt(u.get('ns_score'), 11)} "
+            f"{_fmt(h.get('map'), 12)} {_fmt(h.get('map_inria_trapezoid'), 9)} {_fmt(u.get('ns_score'), 11)} "
             f"{_fmt(h.get('images_per_second'), 9, '.1f')} {_fmt(u.get('images_per_second'), 9, '.1f')} "
             f"{any_r.get('embedding_dim', '-'):>6}"
         )
-    lines.append("Holidays mAP: INRIA holidays_map.py (trapezoid); std AP: non-interpolated. "
+    lines.append("Holidays mAP: non-interpolated AP; (INRIA): holidays_map.py's trapezoid. "
                  "img/s: the Spark embed stage, decode included.")
     return "\n".join(lines)
 

@@ -54,7 +54,7 @@ class EmbedSettings:
     # Descriptor options (issue 3). input: squash = resize to input_size x input_size (the
     # reference study); aspect = keep the aspect ratio, longest side max_side, the network run
     # fully convolutionally (sides rounded to size_multiple, so few distinct batch shapes).
-    input: str = "squash"
+    input: str = "aspect"
     max_side: int = 320
     size_multiple: int = 16
     # Relative input scales; descriptors of all scales are L2-normalised, summed, re-normalised.
@@ -63,7 +63,7 @@ class EmbedSettings:
     gem_p: float = 3.0
     rmac_levels: int = 3
     # Crop plain-colour borders (scanned prints, letterboxing) before resizing.
-    trim_borders: bool = False
+    trim_borders: bool = True
     # Signed power normalisation exponent applied to the pooled descriptor (1.0: off, 0.5: sqrt).
     power_norm: float = 1.0
     # Learned post-processing (PCA-whitening / centring) from `neardup train`: a .npz path,
@@ -102,14 +102,14 @@ class DedupSettings:
     k: int = 20
     # Database-side augmentation: each database vector is replaced by the alpha-weighted sum of
     # its dba_k nearest neighbours (itself included) before the final search; 0 or 1: off.
-    dba_k: int = 0
+    dba_k: int = 3
     dba_alpha: float = 3.0
     # alpha-query expansion: a second search with each query plus its qe_k best neighbours; 0: off.
     qe_k: int = 0
     qe_alpha: float = 3.0
     # Also search every query as these rotations (degrees, counter-clockwise) and keep the best
     # similarity per neighbour: finds near-duplicates stored rotated by 90 degrees.
-    rotations: list[int] = field(default_factory=lambda: [0])
+    rotations: list[int] = field(default_factory=lambda: [0, 90, 270])
 
     # Perceptual hashes only: pairs within this many differing bits (overrides threshold for them).
     hamming_bits: int | None = None
@@ -129,6 +129,14 @@ class TrainSettings:
     output: str | None = None
     # Reader batch size for petastorm.
     read_batch_rows: int = 64
+    # Optional projection head (issue 3) after the whitening: a linear map to head_dim
+    # (0 = off) trained with an InfoNCE loss on augmented views of the training images
+    # (frozen backbone); head_augmentations views per image, seeded by train.head_seed.
+    head_dim: int = 0
+    head_epochs: int = 10
+    head_temperature: float = 0.1
+    head_augmentations: int = 2
+    head_seed: int = 0
 
 
 @dataclass
@@ -236,6 +244,12 @@ class Config:
             raise ConfigError(f"ingest.max_shard_bytes must be >= 1024, got {self.ingest.max_shard_bytes!r}")
         validate_descriptor_options(self)
         backbones.validate_spec(self.embed.backbone, self.embed.weights, self.embed.preprocess)
+        # Executors resolve relative paths against their own working folder: make the files
+        # the driver just checked absolute, so every executor opens the same ones.
+        if backbones.is_model_file(self.embed.backbone) and "://" not in self.embed.backbone:
+            self.embed.backbone = os.path.abspath(self.embed.backbone)
+        if self.embed.weights not in ("imagenet", "none") and "://" not in self.embed.weights:
+            self.embed.weights = os.path.abspath(self.embed.weights)
         if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
             raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
         from pipeline import classical_stage
@@ -297,6 +311,10 @@ def validate_descriptor_options(config: "Config") -> None:
         raise ConfigError(f"train.dim must be >= 1 or null, got {t.dim!r}")
     if t.power < 0 or not 0 <= t.shrinkage <= 1:
         raise ConfigError(f"train.power must be >= 0 and train.shrinkage in [0, 1], got {t.power!r}, {t.shrinkage!r}")
+    if t.head_dim < 0 or t.head_epochs < 1 or t.head_temperature <= 0 or t.head_augmentations < 1:
+        raise ConfigError("train.head_dim must be >= 0, train.head_epochs and train.head_augmentations >= 1, "
+                          f"train.head_temperature > 0; got {t.head_dim!r}, {t.head_epochs!r}, "
+                          f"{t.head_augmentations!r}, {t.head_temperature!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -76,12 +76,12 @@ def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> 
     queries = queries.repartition(n)
 
     shard_paths = info.shard_paths()
-    created_at = info.meta["created_at"]
+    build_id = info.meta.get("build_id", info.meta["created_at"])
     settings = config.index
     k = min(k, info.meta["count"])
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        shards = ix.load_shards(info.path, created_at, shard_paths, settings)
+        shards = ix.load_shards(info.path, build_id, shard_paths, settings)
         for batch in batches:
             for start in range(0, len(batch), SEARCH_CHUNK):
                 part = batch.iloc[start:start + SEARCH_CHUNK]

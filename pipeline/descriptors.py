@@ -303,6 +303,9 @@ class Whitening:
         whitening an index was built with.
     params : dict
         Fit parameters and training-set size, for provenance.
+    head : np.ndarray, optional
+        ``(dim, projection_rows)`` learned projection head (``train.head_dim``), applied
+        after the whitening and followed by L2; ``dim`` is then its output dimension.
     """
 
     mean: np.ndarray
@@ -311,6 +314,7 @@ class Whitening:
     dim: int
     version: str
     params: dict[str, Any] = field(default_factory=dict)
+    head: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
@@ -334,7 +338,8 @@ class Whitening:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.input_dim:
             raise ValueError(f"expected (n, {self.input_dim}) descriptors, got {X.shape}")
-        return l2_normalize((X - self.mean) @ self.projection.T)
+        Y = l2_normalize((X - self.mean) @ self.projection.T)
+        return Y if self.head is None else l2_normalize(Y @ self.head.T)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to ``path`` (an ``.npz``) atomically; metadata is JSON inside it.
@@ -356,6 +361,7 @@ class Whitening:
                     projection=self.projection,
                     eigenvalues=self.eigenvalues,
                     metadata=np.array(meta),
+                    **({} if self.head is None else {"head": np.asarray(self.head, dtype=np.float32)}),
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -381,22 +387,19 @@ class Whitening:
         ValueError
             If the arrays do not match the stored version hash.
         """
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            mean = data["mean"].astype(np.float32)
-            projection = data["projection"].astype(np.float32)
-            eigenvalues = data["eigenvalues"].astype(np.float64)
-            meta = json.loads(str(data["metadata"]))
-        version = _whitening_hash(mean, projection, meta["params"])
-        if version != meta["version"]:
-            raise ValueError(f"{path}: content hash {version} does not match stored version {meta['version']}")
-        return cls(mean, projection, eigenvalues, int(meta["dim"]), version, meta["params"])
+        with open(os.fspath(path), "rb") as fh:
+            return whitening_from_bytes(fh.read(), os.fspath(path))
 
 
-def _whitening_hash(mean: np.ndarray, projection: np.ndarray, params: dict[str, Any]) -> str:
+def _whitening_hash(mean: np.ndarray, projection: np.ndarray, params: dict[str, Any],
+                    head: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(mean, dtype=np.float32).tobytes())
     h.update(np.ascontiguousarray(projection, dtype=np.float32).tobytes())
     h.update(json.dumps(params, sort_keys=True).encode())
+    if head is not None:  # artifacts without a head keep their old version
+        h.update(b"head")
+        h.update(np.ascontiguousarray(head, dtype=np.float32).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -575,11 +578,12 @@ def whitening_from_bytes(data: bytes, name: str = "<bytes>") -> Whitening:
         mean = arrays["mean"].astype(np.float32)
         projection = arrays["projection"].astype(np.float32)
         eigenvalues = arrays["eigenvalues"].astype(np.float64)
+        head = arrays["head"].astype(np.float32) if "head" in arrays.files else None
         meta = json.loads(str(arrays["metadata"]))
-    version = _whitening_hash(mean, projection, meta["params"])
+    version = _whitening_hash(mean, projection, meta["params"], head)
     if version != meta["version"]:
         raise ValueError(f"{name}: content hash {version} does not match stored version {meta['version']}")
-    return Whitening(mean, projection, eigenvalues, int(meta["dim"]), version, meta["params"])
+    return Whitening(mean, projection, eigenvalues, int(meta["dim"]), version, meta["params"], head)
 
 
 _WHITENING_CACHE: dict[str, Whitening] = {}

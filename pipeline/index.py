@@ -230,6 +230,8 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
         "build_seconds": time.perf_counter() - started,
         "embeddings": workdir.embeddings(method),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Unique per build: executors' shard caches are keyed on it (created_at has 1 s resolution).
+        "build_id": staging.rsplit(".staging-", 1)[-1],
     }
     if sum(s["count"] for s in meta["shards"]) != n:
         raise RuntimeError(f"index shards hold {sum(s['count'] for s in meta['shards'])} vectors, expected {n}")
@@ -271,18 +273,16 @@ def _shard_builder(staging: str, description: str, dim: int, trained_path: str |
 _SHARD_CACHE: dict[tuple[str, str], list] = {}
 
 
-def load_shards(info_path: str, created_at: str, shard_paths: list[str], settings: IndexSettings) -> list:
-    """Load every shard once per Python worker (keyed by the index's creation time)."""
-    key = (info_path, created_at)
+def load_shards(info_path: str, build_id: str, shard_paths: list[str], settings: IndexSettings) -> list:
+    """Load every shard once per Python worker, keyed by the index build (a rebuild is a new id)."""
+    key = (info_path, build_id)
     shards = _SHARD_CACHE.get(key)
     if shards is None:
-        shards = []
-        for path in shard_paths:
-            index = deserialize(store.read_bytes(path))
-            set_search_params(index, settings)
-            shards.append(index)
+        shards = [deserialize(store.read_bytes(path)) for path in shard_paths]
         _SHARD_CACHE.clear()  # one index at a time per worker keeps memory bounded
         _SHARD_CACHE[key] = shards
+    for index in shards:  # cheap, and a later job may ask for another nprobe / efSearch
+        set_search_params(index, settings)
     return shards
 
 

@@ -43,8 +43,14 @@ def spark_session(config: Config) -> Iterator[SparkSession]:
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not _launched_by_spark_submit():
         builder = builder.master(config.spark.master)
-    conf = dict(BASE_CONF)
-    conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(config.embed.arrow_batch_rows)
+    # Our settings are defaults: what spark-submit --conf or spark-defaults.conf already set
+    # (visible to SparkConf as JVM system properties) wins; spark.conf in our config wins over both.
+    from pyspark import SparkConf
+
+    submitted = SparkConf()
+    conf = {k: v for k, v in BASE_CONF.items() if not submitted.contains(k)}
+    if not submitted.contains("spark.sql.execution.arrow.maxRecordsPerBatch"):
+        conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(config.embed.arrow_batch_rows)
     conf.update({k: str(v) for k, v in config.spark.conf.items()})
     for key, value in conf.items():
         builder = builder.config(key, value)

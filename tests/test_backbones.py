@@ -82,7 +82,9 @@ def test_random_weights_for_timing_only():
 
 
 def test_missing_imagenet_weights_fail_at_once_with_instructions(tmp_path):
-    env = dict(os.environ, KERAS_HOME=str(tmp_path / "empty-keras"), TF_CPP_MIN_LOG_LEVEL="2")
+    # A dead proxy: the download fails here even on a machine that has internet access.
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "empty-keras"), TF_CPP_MIN_LOG_LEVEL="2",
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "embed", "--backbone", "densenet121",
          "--workdir", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

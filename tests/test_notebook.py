@@ -31,6 +31,9 @@ def test_backbone_comparison_notebook(spark, tmp_path, monkeypatch):
     ukb = _subset(shared_path("data", "ukbench-dev"), tmp_path / "ukb", 5)
     hol = _subset(shared_path("data", "holidays-dev"), tmp_path / "hol", 5)
     work = tmp_path / "work"
+    # densenet121's ImageNet weights must be unavailable, also on a machine with internet access.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     for dataset, folder, backbones in (("ukbench", ukb, ["mobilenet-0.25", "densenet121"]),
                                        ("holidays", hol, ["mobilenet-0.25"])):
         config = make_config(work, evaluate__dataset=dataset, evaluate__input=str(folder),
