@@ -127,8 +127,6 @@ class TrainSettings:
     shrinkage: float = 0.0
     # Where the artifact goes (default <workdir>/postprocess/<name>-<version>.npz).
     output: str | None = None
-    # Reader batch size for petastorm.
-    read_batch_rows: int = 64
     # Optional projection head (issue 3) after the whitening: a linear map to head_dim
     # (0 = off) trained with an InfoNCE loss on augmented views of the training images
     # (frozen backbone); head_augmentations views per image, seeded by train.head_seed.

@@ -23,6 +23,7 @@ FileSystem (the same one Spark uses), small files (index shards, ``index.json``)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,8 +60,16 @@ def local_path_of(uri: str) -> str | None:
 
 
 def tag_of(method: str) -> str:
-    """A filesystem-safe folder name for a backbone or method (a .keras path becomes its stem)."""
-    name = Path(method).stem if method.endswith(".keras") else method
+    """A filesystem-safe folder name for a backbone or method.
+
+    A .keras path becomes its stem plus a short hash of the path, so two model files with
+    the same name (or one named like a registry backbone) never share tables.
+    """
+    if method.endswith(".keras"):
+        digest = hashlib.sha1(method.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{Path(method).stem}-{digest}"
+    else:
+        name = method
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
