@@ -53,6 +53,10 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
                                    "embedding table")
     queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
     result = _search(spark, index_cfg, k, queries)
+    if d.qe_k > 0:
+        expanded = _expand_queries(spark, index_cfg, queries, result, d.qe_k, d.qe_alpha)
+        result = _search(spark, index_cfg, k, expanded)
+    # Rotated queries are merged last, so query expansion never discards a rotated match.
     rotations = [r for r in d.rotations if r != 0]
     if rotations:
         for r in rotations:
@@ -61,9 +65,6 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
             rotated = rotated.join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
             result = result.unionByName(_search(spark, index_cfg, k, rotated))
         result = _best_per_neighbor(result, k)
-    if d.qe_k > 0:
-        expanded = _expand_queries(spark, index_cfg, queries, result, d.qe_k, d.qe_alpha)
-        result = _search(spark, index_cfg, k, expanded)
     return result
 
 

@@ -586,12 +586,27 @@ def whitening_from_bytes(data: bytes, name: str = "<bytes>") -> Whitening:
     return Whitening(mean, projection, eigenvalues, int(meta["dim"]), version, meta["params"], head)
 
 
-_WHITENING_CACHE: dict[str, Whitening] = {}
+_WHITENING_CACHE: dict[tuple, Whitening] = {}
+
+
+def _file_identity(uri: str) -> tuple:
+    """A local file's path, size and modification time: a file rewritten in place is new."""
+    import os
+
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in path:
+        return (uri,)  # remote artifacts are written once under a versioned name
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (uri,)
+    return (uri, st.st_size, st.st_mtime_ns)
 
 
 def load_whitening_uri(uri: str) -> Whitening:
     """Load a post-processing artifact from a local path or any URI the workdir store reads."""
-    w = _WHITENING_CACHE.get(uri)
+    key = _file_identity(uri)
+    w = _WHITENING_CACHE.get(key)
     if w is None:
         if "://" in uri and not uri.startswith("file:"):
             from pipeline import store
@@ -600,7 +615,7 @@ def load_whitening_uri(uri: str) -> Whitening:
         else:
             with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as fh:
                 data = fh.read()
-        w = _WHITENING_CACHE[uri] = whitening_from_bytes(data, uri)
+        w = _WHITENING_CACHE[key] = whitening_from_bytes(data, uri)
     return w
 
 

@@ -24,7 +24,7 @@ def resolve(config: Config) -> tuple[str, str]:
     spec = config.embed.postprocess
     if not spec:
         raise ConfigError("embed.postprocess is not set")
-    cache_key = (spec, config.workdir)
+    cache_key = (spec, config.workdir) + descriptors._file_identity(spec)[1:]
     if cache_key not in _RESOLVED:
         uri = _locate(spec, config)
         try:
