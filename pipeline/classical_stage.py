@@ -239,34 +239,14 @@ def make_classical_udf(config: Config):
     return classical_udf
 
 
-def build_embedding_table(spark, config: Config, images):
-    """Image table -> embedding table (same schema as a CNN's) for a classical method."""
-    from pyspark.sql import functions as F
-
-    from pipeline import schemas as S
-
+def embedding_udf(config: Config):
+    """The UDF that encodes images with a trained classical method (embed.py applies it)."""
     name = config.embed.backbone
     method = load_method(name, artifact_uri(config, name), options_for(config, name))
     if not method.is_trained:
         raise ConfigError(f"{name} has no trained artifact; run `neardup train --method {name}` "
                           f"or set classical.train_input")
-    ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
-    ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
-    # SIFT is CPU-bound and per image: a few partitions per core even out slow images.
-    n = max(ok.rdd.getNumPartitions(), 2 * spark.sparkContext.defaultParallelism)
-    ok = ok.repartition(n)
-    result = make_classical_udf(config)(F.col(S.IMAGE_ID), F.col(S.CONTENT))
-    return (
-        ok.select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
-        .select(
-            F.col(S.IMAGE_ID),
-            F.col(S.CONTENT_SHA256),
-            F.lit(store.tag_of(name)).alias(S.BACKBONE),
-            F.col("r." + S.EMBEDDING).alias(S.EMBEDDING),
-            F.when(F.col("r." + S.ERROR).isNull(), F.lit(S.STATUS_OK)).otherwise(F.lit(S.STATUS_ERROR)).alias(S.STATUS),
-            F.col("r." + S.ERROR).alias(S.ERROR),
-        )
-    )
+    return make_classical_udf(config)
 
 
 # ------------------------------------------------------------------ dedup

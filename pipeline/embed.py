@@ -243,21 +243,29 @@ def _die_once(marker: str) -> None:
 
 
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
-    """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content)."""
+    """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content).
+
+    CNN backbones and classical methods differ only in the UDF; the table is the same.
+    """
     from pipeline import classical
 
     if classical.is_classical(config.embed.backbone):
         from pipeline import classical_stage
 
-        return classical_stage.build_embedding_table(spark, config, images)
+        udf = classical_stage.embedding_udf(config)
+        # SIFT is CPU-bound and per image: a few partitions per core even out slow images.
+        partitions_per_core = 2
+    else:
+        udf = make_embed_udf(config)
+        partitions_per_core = 1
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
     # At least one partition per core, so a small corpus still uses every executor core.
-    n = max(ok.rdd.getNumPartitions(), spark.sparkContext.defaultParallelism)
-    ok = ok.repartition(n)
-    result = make_embed_udf(config)(F.col(S.IMAGE_ID), F.col(S.CONTENT))
+    n = max(ok.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
+    result = udf(F.col(S.IMAGE_ID), F.col(S.CONTENT))
     return (
-        ok.select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
+        ok.repartition(n)
+        .select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
         .select(
             F.col(S.IMAGE_ID),
             F.col(S.CONTENT_SHA256),
