@@ -28,12 +28,12 @@ import dataclasses
 import logging
 import math
 import time
-import uuid
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from pipeline import schemas as S
+from pipeline.stages import tables
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def run_components(pairs: DataFrame, *, checkpoint_dir: str | None = None, check
                    max_rounds: int | None = None) -> ComponentsResult:
     """Components of the graph whose edges are ``pairs`` (image_id_a, image_id_b), with round count.
 
-    ``checkpoint_dir``: a folder (any Hadoop URI) for reliable checkpoints, deleted by the
-    caller afterwards; without it, local checkpoints (lost with their executor).
+    ``checkpoint_dir``: a folder (any Hadoop URI) of this run's own for reliable checkpoints;
+    the caller deletes it once the result is written. Without it, local checkpoints (faster,
+    but lost with their executor, which then fails the job).
     """
     started = time.perf_counter()
     spark = pairs.sparkSession
@@ -158,7 +159,7 @@ class _Checkpointer:
 
     def __init__(self, spark, folder: str | None):
         self.spark = spark
-        self.folder = f"{folder.rstrip('/')}/{uuid.uuid4().hex[:12]}" if folder else None
+        self.folder = folder.rstrip("/") if folder else None
         self.previous: dict[str, str] = {}
 
     def __call__(self, df: DataFrame, name: str) -> DataFrame:
@@ -169,11 +170,6 @@ class _Checkpointer:
         df.write.mode("overwrite").parquet(path)
         # Everything still in use reads the newest checkpoint of its kind or later steps.
         if kind in self.previous:
-            self._delete(self.previous[kind])
+            tables.remove(self.spark, self.previous[kind])
         self.previous[kind] = path
         return self.spark.read.parquet(path)
-
-    def _delete(self, path: str) -> None:
-        jvm = self.spark.sparkContext._jvm
-        hpath = jvm.org.apache.hadoop.fs.Path(path)
-        hpath.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration()).delete(hpath, True)
