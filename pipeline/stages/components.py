@@ -145,13 +145,12 @@ def _large_star(labelled: DataFrame) -> DataFrame:
 def _small_star(edges: DataFrame) -> DataFrame:
     """Link every node and its smaller neighbours to the smallest of them: src < dst again.
 
-    Duplicates are left to the next round's de-duplication.
+    One row out per row in: the row that holds the smallest neighbour links the node itself.
     """
     smallest = F.min(_DST).over(Window.partitionBy(_SRC))
-    pairs = F.array(F.struct(F.col(_MIN).alias(_SRC), F.col(_DST)),
-                    F.struct(F.col(_MIN).alias(_SRC), F.col(_SRC).alias(_DST)))
-    return (edges.withColumn(_MIN, smallest).select(F.explode(pairs).alias("e")).select("e.*")
-            .where(F.col(_SRC) != F.col(_DST)))
+    return (edges.withColumn(_MIN, smallest)
+            .select(F.col(_MIN).alias(_SRC),
+                    F.when(F.col(_DST) == F.col(_MIN), F.col(_SRC)).otherwise(F.col(_DST)).alias(_DST)))
 
 
 class _Checkpointer:

@@ -48,10 +48,10 @@ def _random_graph(rng: random.Random, case: int) -> list[tuple[str, str]]:
 
 def test_hundreds_of_random_graphs_match_union_find(spark):
     rng = random.Random(20261130)
-    pairs = [p for case in range(400) for p in _random_graph(rng, case)]
+    pairs = [p for case in range(300) for p in _random_graph(rng, case)]
     got = {r[S.IMAGE_ID]: r[S.GROUP_ID] for r in connected_components(_pairs_df(spark, pairs)).collect()}
     assert got == G.connected_components(pairs)
-    assert len(set(got.values())) > 400  # several components per case on average, not one blob
+    assert len(set(got.values())) > 300  # several components per case on average, not one blob
 
 
 def _hashed(col):
@@ -68,14 +68,11 @@ def _check_one_group(result, n: int):
     assert stats["group"] == stats["smallest"]
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["next", "next-and-after-next"])
-def test_burst_of_3000_frames_with_random_ids_is_one_group_in_log_rounds(spark, skip):
+def test_burst_of_3000_frames_with_random_ids_is_one_group_in_log_rounds(spark):
     n = 3000
     frames = spark.range(n)
     pairs = frames.where(F.col("id") < n - 1).select(_hashed(F.col("id")).alias(S.IMAGE_ID_A),
                                                      _hashed(F.col("id") + 1).alias(S.IMAGE_ID_B))
-    if skip:
-        pairs = pairs.union(frames.where(F.col("id") < n - 2).select(_hashed(F.col("id")), _hashed(F.col("id") + 2)))
     result = run_components(pairs)
     _check_one_group(result, n)
     # Label propagation needs rounds in the order of the chain's length (~3000 / 2 with jumps);
@@ -101,7 +98,7 @@ def test_one_group_of_100k_identical_images(spark, shape):
 
 def test_reliable_checkpoints_give_the_same_groups(spark, tmp_path):
     rng = random.Random(5)
-    pairs = [p for case in range(30) for p in _random_graph(rng, case)]
+    pairs = [p for case in range(12) for p in _random_graph(rng, case)]
     folder = tmp_path / "cc"
     result = run_components(_pairs_df(spark, pairs), checkpoint_dir=str(folder), checkpoint_every=1)
     got = {r[S.IMAGE_ID]: r[S.GROUP_ID] for r in result.groups.collect()}
