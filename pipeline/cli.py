@@ -118,8 +118,8 @@ def job_function(job: str) -> Callable:
 def train_dispatch(spark, config: Config) -> Any:
     """``train``: a classical method's vocabulary (``--method vlad-ssr``), else the CNN post-processing."""
     from pipeline.core import classical
-    from pipeline.train import whitening as train
-    from pipeline.train import vocabulary as train_classical
+    from pipeline.train import cnn as train
+    from pipeline.train import classical as train_classical
 
     if classical.is_classical(config.embed.backbone):
         return train_classical.train_job(spark, config)

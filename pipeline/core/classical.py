@@ -31,6 +31,8 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from pipeline.core.vectors import l2_normalize, signed_power
+
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever an encoding changes in a way that invalidates stored
@@ -467,47 +469,6 @@ class ClassicalMethod:
         if self.artifact is None:
             raise RuntimeError(f"{self.name} needs a trained artifact: call fit() or pass artifact_path")
         return self.artifact
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """L2-normalise along ``axis``, leaving all-zero vectors at zero.
-
-    Parameters
-    ----------
-    x : ndarray
-        Input array.
-    axis : int
-        Axis to normalise.
-
-    Returns
-    -------
-    ndarray
-        float32 array of the same shape.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def signed_power(x: np.ndarray, alpha: float) -> np.ndarray:
-    """Power-law normalisation ``sign(x) * |x| ** alpha`` (alpha 0.5 = SSR).
-
-    Parameters
-    ----------
-    x : ndarray
-        Input.
-    alpha : float
-        Exponent; 1 leaves ``x`` unchanged.
-
-    Returns
-    -------
-    ndarray
-        float32 array of the same shape.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if alpha == 1:
-        return x
-    return (np.sign(x) * np.abs(x) ** alpha).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------

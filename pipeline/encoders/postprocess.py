@@ -11,7 +11,7 @@ import glob
 import os
 import re
 
-from pipeline.core import descriptors
+from pipeline.core import whitening
 from pipeline.core import storage
 from pipeline.config import Config, ConfigError
 
@@ -25,11 +25,11 @@ def resolve(config: Config) -> tuple[str, str]:
     spec = config.embed.postprocess
     if not spec:
         raise ConfigError("embed.postprocess is not set")
-    cache_key = (spec, config.workdir) + descriptors._file_identity(spec)[1:]
+    cache_key = (spec, config.workdir) + whitening._file_identity(spec)[1:]
     if cache_key not in _RESOLVED:
         uri = _locate(spec, config)
         try:
-            version = descriptors.load_whitening_uri(uri).version
+            version = whitening.load_whitening_uri(uri).version
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"embed.postprocess: cannot read {uri}: {exc}") from exc
         _RESOLVED[cache_key] = (uri, version)

@@ -22,7 +22,7 @@ from pipeline.core import metrics as M
 from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline.stages import tracking
-from pipeline.train import whitening as train_job
+from pipeline.train import cnn as train_job
 from pipeline.config import Config, ConfigError
 from pipeline.stages.timing import timed
 

@@ -139,7 +139,7 @@ def prepare(spark, config: Config) -> tuple[Config, dict[str, Any]]:
 
     Also records, in the active MLflow run, which artifact and training set the method used.
     """
-    from pipeline.train import vocabulary as train_classical
+    from pipeline.train import classical as train_classical
 
     name = config.embed.backbone
     metrics: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from pyspark.sql import types as T
 
 from pipeline import schemas as S
 from pipeline.encoders import backbones
-from pipeline.core import storage
+from pipeline.core import preprocess, storage
 from pipeline.stages import tables
 from pipeline.config import Config
 
@@ -62,63 +62,6 @@ def model_key(config: Config) -> backbones.ModelKey:
     )
 
 
-def decode_for_model(content: bytes, side: int, max_pixels: int, *, mode: str = "squash",
-                     trim: bool = False, rotation: int = 0, size_multiple: int = 16) -> np.ndarray:
-    """Bytes -> uint8 pixels for the network.
-
-    ``squash`` (the reference study's Keras loader): (side, side, 3). ``aspect``: the aspect
-    ratio kept, the longest side ``side``, each side rounded to a multiple of
-    ``size_multiple`` so that a collection yields a few distinct shapes to batch.
-    ``trim`` crops plain-colour borders first; ``rotation`` rotates counter-clockwise.
-    """
-    image = _decode_image(content, side, max_pixels, trim, rotation)
-    return _resized(image, side, mode, size_multiple)
-
-
-def _decode_image(content: bytes, side: int, max_pixels: int, trim: bool, rotation: int):
-    from PIL import Image
-
-    from pipeline.core import descriptors
-    from pipeline.core import imageio
-
-    image = imageio.decode_rgb(content, min_size=(side, side), max_pixels=max_pixels)
-    if trim:
-        image = _trimmed(image, descriptors.content_box)
-    if rotation:
-        image = image.transpose({90: Image.ROTATE_90, 180: Image.ROTATE_180, 270: Image.ROTATE_270}[rotation])
-    return image
-
-
-def _trimmed(image, content_box):
-    """Crop plain-colour borders; the box is found on a <= 512 px copy and scaled back."""
-    w, h = image.size
-    thumb = image
-    if max(w, h) > 512:
-        thumb = image.copy()
-        thumb.thumbnail((512, 512))
-    top, left, bottom, right = content_box(thumb)
-    tw, th = thumb.size
-    if (top, left, bottom, right) == (0, 0, th, tw):
-        return image
-    fx, fy = w / tw, h / th
-    return image.crop((int(left * fx), int(top * fy), int(round(right * fx)), int(round(bottom * fy))))
-
-
-def _resized(image, side: int, mode: str, size_multiple: int) -> np.ndarray:
-    from PIL import Image
-
-    if mode == "aspect":
-        w, h = image.size
-        s = side / max(w, h)
-        m = max(1, size_multiple)
-        size = (max(m, int(round(w * s / m)) * m), max(m, int(round(h * s / m)) * m))
-    else:
-        size = (side, side)
-    if image.size != size:
-        image = image.resize(size, Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
 def _sides(key: backbones.ModelKey) -> list[int]:
     return [max(32, int(round(key.input_size * s))) for s in key.scales]
 
@@ -142,8 +85,8 @@ def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels
     errors: list[str | None] = [None] * len(contents)
     for i, content in enumerate(contents):
         try:
-            image = _decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation)
-            pixels[i] = [_resized(image, side, key.input_mode, key.size_multiple) for side in sides]
+            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation)
+            pixels[i] = [preprocess.resized(image, side, key.input_mode, key.size_multiple) for side in sides]
         except Exception as exc:  # a bad image is a recorded row, never a failed job
             errors[i] = f"decode failed: {exc}"
     return pixels, errors
@@ -193,10 +136,10 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
     ok = [i for i, e in enumerate(errors) if e is None]
     embeddings: list[np.ndarray | None] = [None] * len(contents)
     if ok:
-        from pipeline.core import descriptors
+        from pipeline.core import pooling
 
         per_scale = pooled[ok]
-        combined = per_scale[:, 0] if n_scales == 1 else descriptors.combine_scales(
+        combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
             [per_scale[:, s] for s in range(n_scales)])
         final = model.postprocess(combined)
         for i, v in zip(ok, final):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from pipeline.core import descriptors as D
+from pipeline.core import whitening
 from pipeline.stages import embed as em
 from pipeline.cli import run_job
 from tests.helpers import make_config, shared_path
@@ -16,7 +16,7 @@ def test_train_job_learns_an_artifact_usable_by_path_and_run_id(spark, tmp_path,
                          embed__backbone="mobilenet-0.25", embed__max_side=128, train__dim=32, train__power=0.5)
     result = run_job("train", config)
     assert result["images"] >= 90 and result["dim"] == 32
-    w = D.Whitening.load(result["artifact"])
+    w = whitening.Whitening.load(result["artifact"])
     assert w.version == result["version"] and w.params["descriptor"]["backbone"] == "mobilenet-0.25"
 
     client = mlflow.tracking.MlflowClient(config.tracking_uri())
@@ -38,7 +38,7 @@ def test_train_job_learns_an_artifact_usable_by_path_and_run_id(spark, tmp_path,
 def test_projection_head_learns_round_trips_and_changes_the_version(tmp_path):
     """Issue 3: a linear head trained with InfoNCE on augmented views, stored in the artifact."""
     from pipeline.encoders import backbones as B
-    from pipeline.train import whitening as T
+    from pipeline.train import cnn as T
 
     files = sorted(shared_path("data", "ukbench-dev").glob("*.jpg"))[:20]
     contents = [f.read_bytes() for f in files]
@@ -59,9 +59,9 @@ def test_projection_head_learns_round_trips_and_changes_the_version(tmp_path):
 
     plain.save(tmp_path / "plain.npz")
     w.save(tmp_path / "head.npz")
-    assert D.Whitening.load(tmp_path / "plain.npz").head is None  # artifacts without a head still load
-    assert D.Whitening.load(tmp_path / "plain.npz").version == plain.version
-    back = D.Whitening.load(tmp_path / "head.npz")
+    assert whitening.Whitening.load(tmp_path / "plain.npz").head is None  # artifacts without a head still load
+    assert whitening.Whitening.load(tmp_path / "plain.npz").version == plain.version
+    back = whitening.Whitening.load(tmp_path / "head.npz")
     assert back.version == w.version and np.array_equal(back.head, w.head)
     with np.load(tmp_path / "head.npz", allow_pickle=False) as arrays:
         assert "head" in arrays.files

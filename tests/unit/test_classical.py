@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.core import classical
 from pipeline.core.classical import CLASSICAL_METHODS, Artifact, get_method
+from pipeline.core.vectors import l2_normalize, signed_power
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 UKBENCH = SHARED / "data" / "ukbench-dev"
@@ -66,7 +67,7 @@ def test_vlad_shapes_and_options(images, train_descs):
     # SSR is sign-preserving and monotone on |x|, so it can only rescale, not flip.
     assert np.array_equal(np.sign(vs), np.sign(v))
     assert not np.allclose(vs, v)
-    np.testing.assert_allclose(vs, classical.l2_normalize(classical.signed_power(v, 0.5)), atol=1e-5)
+    np.testing.assert_allclose(vs, l2_normalize(signed_power(v, 0.5)), atol=1e-5)
 
     intra = get_method("vlad", k=8, intra=True, **FAST)
     intra._set_artifact(path_art)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.core import descriptors as D
+from pipeline.core import preprocess
+from pipeline.core import whitening
 from pipeline.stages import embed as em
 from pipeline.config import Config, ConfigError
 
@@ -39,21 +40,21 @@ def test_default_config_is_the_measured_best():
 
 
 def test_aspect_decode_keeps_ratio_in_few_shapes():
-    a = em.decode_for_model(_jpeg(640, 480), 320, 10**8, mode="aspect")
+    a = preprocess.decode_for_model(_jpeg(640, 480), 320, 10**8, mode="aspect")
     assert a.shape == (240, 320, 3)
-    b = em.decode_for_model(_jpeg(325, 243), 320, 10**8, mode="aspect")
+    b = preprocess.decode_for_model(_jpeg(325, 243), 320, 10**8, mode="aspect")
     assert b.shape == (240, 320, 3)  # 239 rounded to a multiple of 16: one batch shape for both
-    r = em.decode_for_model(_jpeg(325, 243), 320, 10**8, mode="aspect", rotation=90)
+    r = preprocess.decode_for_model(_jpeg(325, 243), 320, 10**8, mode="aspect", rotation=90)
     assert r.shape == (320, 240, 3)
-    s = em.decode_for_model(_jpeg(640, 480), 224, 10**8)
+    s = preprocess.decode_for_model(_jpeg(640, 480), 224, 10**8)
     assert s.shape == (224, 224, 3)
 
 
 def test_trim_borders_crops_plain_borders():
     content = _jpeg(300, 300, border=60)
-    trimmed = em.decode_for_model(content, 320, 10**8, mode="aspect", trim=True, size_multiple=1)
+    trimmed = preprocess.decode_for_model(content, 320, 10**8, mode="aspect", trim=True, size_multiple=1)
     assert trimmed.shape == (192, 320, 3)  # 180 x 300 content, scaled to 320 wide
-    assert D.content_box(np.full((50, 50, 3), 7, np.uint8)) == (0, 0, 50, 50)  # all plain: untouched
+    assert preprocess.content_box(np.full((50, 50, 3), 7, np.uint8)) == (0, 0, 50, 50)  # all plain: untouched
 
 
 def test_model_key_records_every_option():
@@ -82,7 +83,7 @@ def test_embed_contents_buckets_sizes_scales_and_postprocess(tmp_path):
     alone, _ = em.embed_contents(model, contents[5:6], 4, 10**8)
     assert np.allclose(alone[0], X[5], atol=1e-4)
     # a learned centring artifact is applied by the embed stage and changes its fingerprint
-    w = D.fit_pca_whitening(X + 0.01, dim=X.shape[1], power=0.0)
+    w = whitening.fit_pca_whitening(X + 0.01, dim=X.shape[1], power=0.0)
     path = tmp_path / "w.npz"
     w.save(path)
     cw = c.with_overrides(embed__postprocess=str(path))

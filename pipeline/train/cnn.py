@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline import schemas as S
 from pipeline.encoders import backbones
-from pipeline.core import descriptors
+from pipeline.core import vectors, whitening
 from pipeline.stages import embed as em
 from pipeline.core import storage
 from pipeline.stages import tracking
@@ -177,7 +177,7 @@ def fit_head(Z: np.ndarray, V: np.ndarray, head_dim: int, epochs: int, temperatu
     all_views = np.concatenate([Z[:, None], V], axis=1).astype(np.float32)  # (n, 1 + views, d)
 
     def project(x):
-        return tf.math.l2_normalize(tf.matmul(x, W, transpose_b=True), axis=-1, epsilon=1e-12)
+        return vectors.l2_normalize_tf(tf.matmul(x, W, transpose_b=True))
 
     @tf.function(reduce_retracing=True)
     def step(a, b):
@@ -208,8 +208,8 @@ def fit_head(Z: np.ndarray, V: np.ndarray, head_dim: int, epochs: int, temperatu
     return W.numpy().astype(np.float32), history, before, fixed_loss()
 
 
-def attach_head(config: Config, w: descriptors.Whitening, X: np.ndarray,
-                V: np.ndarray) -> tuple[descriptors.Whitening, dict[str, float]]:
+def attach_head(config: Config, w: whitening.Whitening, X: np.ndarray,
+                V: np.ndarray) -> tuple[whitening.Whitening, dict[str, float]]:
     """Fit the projection head on whitened originals + views and store it in the artifact."""
     t = config.train
     Z = w.apply(X)
@@ -218,7 +218,7 @@ def attach_head(config: Config, w: descriptors.Whitening, X: np.ndarray,
     params = {**w.params, "head": {"dim": t.head_dim, "epochs": t.head_epochs, "temperature": t.head_temperature,
                                    "augmentations": t.head_augmentations, "seed": t.head_seed,
                                    "loss_before": before, "loss_after": after}}
-    version = descriptors._whitening_hash(w.mean, w.projection, params, head)
+    version = whitening._whitening_hash(w.mean, w.projection, params, head)
     w = dataclasses.replace(w, dim=t.head_dim, params=params, version=version, head=head)
     return w, {"head_initial_loss": before, "head_final_loss": after,
                "head_final_train_loss": history[-1] if history else float("nan")}
@@ -228,18 +228,18 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def fit(config: Config, X: np.ndarray) -> descriptors.Whitening:
+def fit(config: Config, X: np.ndarray) -> whitening.Whitening:
     t = config.train
     dim = min(t.dim, X.shape[1]) if t.dim else None
     if dim is None and t.power == 0:
         dim = X.shape[1]  # centring (+ rotation): nothing is amplified, so keep every dimension
     elif dim is not None and t.power > 0 and t.shrinkage == 0 and dim > X.shape[0] - 1:
         dim = X.shape[0] - 1
-    w = descriptors.fit_pca_whitening(X, dim=dim, shrinkage=t.shrinkage, power=t.power)
+    w = whitening.fit_pca_whitening(X, dim=dim, shrinkage=t.shrinkage, power=t.power)
     key = dataclasses.asdict(em.model_key(config))
     params = {**w.params, "descriptor": {k: v for k, v in key.items() if k not in ("postprocess", "postprocess_version")}}
     params["descriptor"]["scales"] = list(params["descriptor"]["scales"])
-    version = descriptors._whitening_hash(w.mean, w.projection, params)
+    version = whitening._whitening_hash(w.mean, w.projection, params)
     return dataclasses.replace(w, params=params, version=version)
 
 
