@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.core import classical
 from pipeline.core.classical import CLASSICAL_METHODS, Artifact, get_method
+from pipeline.core.classical import base as classical_base
 from pipeline.core.vectors import l2_normalize, signed_power
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -166,7 +167,7 @@ def test_artifact_round_trip(tmp_path, train_descs, name, opts):
     path = m.save(str(tmp_path / "art"))
     assert path.endswith(".npz")
     with np.load(path, allow_pickle=False) as data:
-        assert classical._ARTIFACT_META_KEY in data.files
+        assert classical_base._ARTIFACT_META_KEY in data.files
     loaded = type(m).load(path)
     assert loaded.name == name and loaded.params == m.params
     assert loaded.artifact.version == m.artifact.version
