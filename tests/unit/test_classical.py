@@ -168,7 +168,7 @@ def test_artifact_round_trip(tmp_path, train_descs, name, opts):
     assert path.endswith(".npz")
     with np.load(path, allow_pickle=False) as data:
         assert classical_base._ARTIFACT_META_KEY in data.files
-    loaded = type(m).load(path)
+    loaded = classical.load_method_file(path)
     assert loaded.name == name and loaded.params == m.params
     assert loaded.artifact.version == m.artifact.version
     assert loaded.artifact.training["description"] == "unit test"
