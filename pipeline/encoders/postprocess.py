@@ -52,7 +52,7 @@ def _locate(spec: str, config: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(config.tracking_uri())
-    local = storage.local_path_of(storage.Workdir.of(config.workdir).join(ARTIFACT_DIR, run_id))
+    local = storage.local_path_of(f"{storage.Workdir.of(config.workdir).postprocess}/{run_id}")
     if local is None:
         import tempfile
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("pipeline.core",),
     ("pipeline.encoders",),
     ("pipeline.stages",),
-    ("pipeline.api", "pipeline.cli", "pipeline.evaluate", "pipeline.train", "pipeline.demo", "pipeline.workflow"),
+    ("pipeline.api", "pipeline.cli", "pipeline.evaluate", "pipeline.train", "pipeline.demo"),
 ]
 
 
