@@ -75,7 +75,7 @@ class EmbedSettings:
     # Rows per Arrow batch handed to the UDF; a multiple of batch_size avoids ragged model calls.
     arrow_batch_rows: int = 256
     # A test hook for fault-tolerance tests: the first attempt of the task whose partition
-    # holds this image id kills its Python worker once (see pipeline.embed).
+    # holds this image id kills its Python worker once (see pipeline.stages.embed).
     fail_once_on_image: str | None = None
     # TensorFlow CPU threads per Python worker (0: TensorFlow's default, one per core). Spark runs
     # a task per core already, so one thread each avoids oversubscription (measured: make bench).
@@ -149,7 +149,7 @@ class EvaluateSettings:
 
 @dataclass
 class ClassicalSettings:
-    """Classical methods (pipeline.classical): where their trained vocabularies come from."""
+    """Classical methods (pipeline.core.classical): where their trained vocabularies come from."""
 
     # method -> trained artifact (.npz, local path or URI); wins over training.
     artifacts: dict[str, Any] = field(default_factory=dict)

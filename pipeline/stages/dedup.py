@@ -31,7 +31,7 @@ def pairs_from_neighbors(neighbors: DataFrame, threshold: float) -> DataFrame:
 
 
 def groups_with_keep(components: DataFrame, images: DataFrame) -> DataFrame:
-    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.grouping`."""
+    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.core.grouping`."""
     info = images.select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES)
     pixels = F.coalesce(F.col(S.WIDTH), F.lit(0)).cast("long") * F.coalesce(F.col(S.HEIGHT), F.lit(0)).cast("long")
     by_group = Window.partitionBy(S.GROUP_ID)

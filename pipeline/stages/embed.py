@@ -1,8 +1,8 @@
 """Stage 2: image table -> embedding table, with a pandas UDF per executor Python worker.
 
-The per-batch work is the plain function :func:`embed_contents` (testable without Spark);
-the UDF only wraps it. The model is cached per Python worker (see
-:func:`pipeline.backbones.load_embedding_model`) and fed fixed-size chunks.
+The per-batch work is the encoder's plain function (:meth:`pipeline.encoders.base.Encoder.embed_function`,
+testable without Spark); the UDF only wraps it. Re-runs are incremental: rows made by the
+same encoder fingerprint are reused for images whose bytes did not change.
 """
 from __future__ import annotations
 

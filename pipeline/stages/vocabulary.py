@@ -3,14 +3,14 @@
 ``neardup train --method vlad-ssr --input DIR [DIR ...]`` (or ``classical.train_input``):
 
 1. the training folders are listed and described as an image table (the ingest stage's
-   own :func:`pipeline.ingest.build_image_table`, never written: it is not the corpus);
+   own :func:`pipeline.stages.ingest.build_image_table`, never written: it is not the corpus);
 2. SIFT / RootSIFT descriptors are extracted in Spark, one pandas UDF call per batch of
    images, and committed as a descriptor table under
    ``<workdir>/train_descriptors/<listing>-<sift settings>/``, so every method with the same
    SIFT settings (bow, vlad, fisher ...) reuses one extraction;
 3. the driver reads the descriptors back and fits (FAISS k-means, scikit-learn GMM);
 4. the artifact is written as ``<workdir>/artifacts/<method>/<version>.npz`` (version: the
-   content hash of :class:`pipeline.classical.Artifact`) with a ``<version>.json`` beside it,
+   content hash of :class:`pipeline.core.classical.Artifact`) with a ``<version>.json`` beside it,
    and logged to MLflow.
 
 A second request with the same method, options, training files (paths, sizes, mtimes) and
