@@ -57,6 +57,7 @@ class Workdir:
         train/<name>/               the image table of a post-processing training collection
         postprocess/                learned post-processing (.npz), and copies fetched from MLflow
         mlflow.db                   the embedded MLflow store (when no tracking URI is set)
+        tmp/<name>/                 scratch of a running job (component checkpoints), deleted at its end
     """
 
     root: str  # absolute URI
@@ -89,6 +90,10 @@ class Workdir:
         return self.join("neighbors", tag_of(method))
 
     # Everything else the jobs write.
+    def scratch(self, name: str) -> str:
+        """A folder one running job owns (unique ``name``) and deletes when it ends."""
+        return self.join("tmp", name)
+
     def derived(self, name: str) -> "Workdir":
         """A nested workdir for derived tables and their index (``dba``, ``rot90`` ...)."""
         return Workdir(self.join("derived", name))

@@ -57,7 +57,7 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
     images = tables.read_table(spark, workdir.images, "image table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
-    scratch = workdir.join("tmp", f"components-{uuid.uuid4().hex[:12]}")
+    scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
     try:
         groups = groups_with_keep(connected_components(pairs, checkpoint_dir=scratch), images)
         tables.write_table(groups, workdir.groups(method))
