@@ -10,15 +10,15 @@ The edge set always keeps each component connected, and each round moves edges t
 the component's smallest node. It is done when the edges form stars centred on the
 smallest node of each component; then every node's smallest neighbour is its label.
 
-* Ids: image ids are replaced by longs for the rounds (narrower shuffles and joins than
-  20-character strings); the group id is mapped back to the smallest image id at the end.
+* Ids: image ids are numbered in their own order by longs for the rounds (narrower shuffles
+  than 20-character strings); the smallest long of a component names its smallest image id.
 * Lineage: the edge set is checkpointed every ``checkpoint_every`` rounds (to Parquet under
   ``checkpoint_dir`` when given, which survives a lost executor; else a local checkpoint),
   so the plan stays small however many rounds run.
-* Skew (one group of 100k identical images: a node with 100k neighbours): every join joins
-  the edges with at most one row per node, and every aggregation is a min/count/distinct
-  that Spark pre-aggregates per task, so a hub costs one long partition, not a blow-up;
-  adaptive execution splits such a partition (``spark.sql.adaptive.skewJoin``).
+* Skew (one group of 100k identical images: a node with 100k neighbours): inside the rounds
+  nothing is joined; a node's edges meet in one window partition (sorted by one task, which
+  spills to disk if it must), so a hub costs a long partition, not a blow-up. The final joins
+  are many-to-one, and adaptive execution splits a skewed partition there.
 * Convergence is tested exactly, not by a label sum: the graph is a union of stars centred
   on their smallest node iff every node that has a smaller neighbour has only one neighbour.
 """
@@ -72,10 +72,11 @@ def run_components(pairs: DataFrame, *, checkpoint_dir: str | None = None, check
     cut = _Checkpointer(spark, checkpoint_dir)
     raw = (pairs.select(F.col(S.IMAGE_ID_A).alias("a"), F.col(S.IMAGE_ID_B).alias("b"))
            .where(F.col("a").isNotNull() & F.col("b").isNotNull()))
-    # monotonically_increasing_id is not deterministic across recomputation: the checkpoint
-    # fixes one numbering that every later step reads.
+    # Longs in the order of the image ids (a range-partitioned sort numbers partitions in key
+    # order), so the smallest long of a component is its smallest image id. The numbering may
+    # differ if recomputed: the checkpoint fixes the one every later step reads.
     ids = cut(raw.select(F.col("a").alias(S.IMAGE_ID)).union(raw.select(F.col("b").alias(S.IMAGE_ID)))
-              .distinct().withColumn(_V, F.monotonically_increasing_id()), "ids")
+              .distinct().orderBy(S.IMAGE_ID).withColumn(_V, F.monotonically_increasing_id()), "ids")
     nodes = ids.count()
     limit = max_rounds if max_rounds is not None else round_limit(nodes)
     ids_a = ids.select(F.col(S.IMAGE_ID).alias("a"), F.col(_V).alias("va"))
@@ -104,7 +105,7 @@ def run_components(pairs: DataFrame, *, checkpoint_dir: str | None = None, check
     # A node without edges left had only self pairs, or is the smallest of its component.
     labels = ids.join(mins.select(F.col(_SRC).alias(_V), F.col(_MIN).alias("label")), _V, "left").select(
         S.IMAGE_ID, F.coalesce(F.col("label"), F.col(_V)).alias("label"))
-    names = labels.groupBy("label").agg(F.min(S.IMAGE_ID).alias(S.GROUP_ID))
+    names = ids.select(F.col(_V).alias("label"), F.col(S.IMAGE_ID).alias(S.GROUP_ID))
     groups = labels.join(names, "label").select(S.IMAGE_ID, S.GROUP_ID)
     seconds = time.perf_counter() - started
     log.info("connected components of %d images converged in %d rounds (%.1fs)", nodes, rounds, seconds)

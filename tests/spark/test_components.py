@@ -48,10 +48,10 @@ def _random_graph(rng: random.Random, case: int) -> list[tuple[str, str]]:
 
 def test_hundreds_of_random_graphs_match_union_find(spark):
     rng = random.Random(20261130)
-    pairs = [p for case in range(300) for p in _random_graph(rng, case)]
+    pairs = [p for case in range(200) for p in _random_graph(rng, case)]
     got = {r[S.IMAGE_ID]: r[S.GROUP_ID] for r in connected_components(_pairs_df(spark, pairs)).collect()}
     assert got == G.connected_components(pairs)
-    assert len(set(got.values())) > 300  # several components per case on average, not one blob
+    assert len(set(got.values())) > 200  # several components per case on average, not one blob
 
 
 def _hashed(col):
@@ -80,32 +80,40 @@ def test_burst_of_3000_frames_with_random_ids_is_one_group_in_log_rounds(spark):
     assert result.rounds <= 2 * math.ceil(math.log2(n))
 
 
-@pytest.mark.parametrize("shape", ["star", "chain"])
-def test_one_group_of_100k_identical_images(spark, shape):
-    """Skew: one node with 100k neighbours, or 100k images each paired with the next."""
+def test_one_group_of_100k_identical_images(spark):
+    """Skew: one image paired with 100k others (bench/bench_components.py also times 100k images
+    each paired with their k nearest along a sequence)."""
     n = 100_000
-    ids = spark.range(n)
-    if shape == "star":  # the hub is a random one of them, not the smallest
-        pairs = ids.where(F.col("id") != 777).select(_hashed(F.lit(777)).alias(S.IMAGE_ID_A),
-                                                     _hashed(F.col("id")).alias(S.IMAGE_ID_B))
-    else:
-        pairs = ids.where(F.col("id") < n - 1).select(_hashed(F.col("id")).alias(S.IMAGE_ID_A),
-                                                      _hashed(F.col("id") + 1).alias(S.IMAGE_ID_B))
+    # The hub is a random one of them, not the smallest.
+    pairs = spark.range(n).where(F.col("id") != 777).select(_hashed(F.lit(777)).alias(S.IMAGE_ID_A),
+                                                            _hashed(F.col("id")).alias(S.IMAGE_ID_B))
     result = run_components(pairs)
     _check_one_group(result, n)
-    assert result.rounds <= 2 * math.ceil(math.log2(n))
+    # The hub is not the smallest id, so at least one round re-centres the star on it.
+    assert 1 <= result.rounds <= 2 * math.ceil(math.log2(n))
 
 
-def test_reliable_checkpoints_give_the_same_groups(spark, tmp_path):
+@pytest.fixture
+def uncoalesced(spark):
+    """Keep every shuffle's partitions: the id numbering must hold across several of them."""
+    key = "spark.sql.adaptive.coalescePartitions.enabled"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "false")
+    yield
+    spark.conf.set(key, before)
+
+
+def test_reliable_checkpoints_and_many_partitions_give_the_same_groups(spark, tmp_path, uncoalesced):
     rng = random.Random(5)
-    pairs = [p for case in range(12) for p in _random_graph(rng, case)]
+    pairs = [p for case in range(8) for p in _random_graph(rng, case)]
     folder = tmp_path / "cc"
-    result = run_components(_pairs_df(spark, pairs), checkpoint_dir=str(folder), checkpoint_every=1)
+    result = run_components(_pairs_df(spark, pairs), checkpoint_dir=str(folder))
+    assert result.groups.rdd.getNumPartitions() > 1
     got = {r[S.IMAGE_ID]: r[S.GROUP_ID] for r in result.groups.collect()}
     assert got == G.connected_components(pairs)
     # Only the newest checkpoint of each kind is kept while the run goes on.
     kinds = sorted(p.name.split("-")[0] for p in folder.iterdir())
-    assert kinds == sorted({"ids", "edges", "labels"} if result.rounds else {"ids", "edges"})
+    assert kinds == sorted({"ids", "edges", "labels"} if result.rounds >= 2 else {"ids", "edges"})
 
 
 def test_round_limit_is_a_clear_error(spark):

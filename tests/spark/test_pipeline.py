@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,8 @@ def test_pairs_and_groups_find_the_near_duplicates(spark, demo_run):
     assert all(len(labels) == 1 for labels in found.values()), found
     assert not any(label.startswith("unrelated") for labels in found.values() for label in labels)
     assert metrics["images_to_remove"] == len(g) - len(keepers)
+    # The components checkpoints live only while dedup runs.
+    assert not list((Path(str(config.workdir)) / "tmp").glob("*"))
 
 
 def test_mlflow_run_holds_every_stage(demo_run):
