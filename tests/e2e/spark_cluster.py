@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,16 @@ import pyspark
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_HOME = Path(pyspark.__file__).parent
 EXECUTOR_CLASS = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
+
+
+def make_small_corpus(demo_root: Path, root: Path) -> Path:
+    """Three demo photos with all their variants and three unrelated images (39 files)."""
+    for name in ("astronaut", "coffee", "rocket"):
+        shutil.copytree(demo_root / name, root / name)
+    (root / "unrelated").mkdir()
+    for name in ("moon", "coins", "clock"):
+        shutil.copy(demo_root / "unrelated" / f"{name}.jpg", root / "unrelated")
+    return root
 
 
 def spark_env() -> dict[str, str]:

@@ -9,27 +9,18 @@ driver-only files, module globals set on the driver) fails here. Faults on that 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import java
-from tests.e2e.spark_cluster import ROOT, spark_submit, start_cluster
+from tests.e2e.spark_cluster import ROOT, make_small_corpus, spark_submit, start_cluster
 
 
 @pytest.fixture(scope="module")
 def small_corpus(demo_corpus, tmp_path_factory):
-    """Three photos with their variants and three unrelated images."""
-    corpus, _ = demo_corpus
-    root = tmp_path_factory.mktemp("small") / "corpus"
-    for name in ("astronaut", "coffee", "rocket"):
-        shutil.copytree(corpus / name, root / name)
-    (root / "unrelated").mkdir()
-    for name in ("moon", "coins", "clock"):
-        shutil.copy(corpus / "unrelated" / f"{name}.jpg", root / "unrelated")
-    return root
+    return make_small_corpus(demo_corpus[0], tmp_path_factory.mktemp("small") / "corpus")
 
 
 @pytest.fixture(scope="module")
