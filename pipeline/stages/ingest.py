@@ -21,6 +21,7 @@ interrupted ingest leaves the previous table in place.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import math
 import os

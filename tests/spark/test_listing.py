@@ -12,7 +12,6 @@ import datetime as dt
 import errno
 import os
 import stat
-from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
