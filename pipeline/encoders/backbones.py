@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core import pooling, vectors, whitening
+
 log = logging.getLogger(__name__)
 
 PREPROCESS_MODES = ("tf", "torch", "caffe", "lite", "raw")
@@ -68,28 +70,6 @@ def supports_any_size(backbone: str) -> bool:
 
 def is_model_file(backbone: str) -> bool:
     return backbone.endswith(".keras")
-
-
-def validate_spec(backbone: str, weights: str, preprocess: str | None) -> None:
-    """Cheap checks, no TensorFlow: unknown names and missing files fail here."""
-    from pipeline.core import classical
-    from pipeline.config import ConfigError
-
-    if classical.is_classical(backbone):
-        return  # a classical method (pipeline.classical); its options are checked by classical_stage
-    if is_model_file(backbone):
-        if "://" not in backbone and not Path(backbone).is_file():
-            raise ConfigError(f"embed.backbone: model file not found: {backbone}")
-    elif backbone not in REGISTRY:
-        raise ConfigError(
-            f"unknown backbone {backbone!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a .keras model file, "
-            f"or a classical method: {', '.join(classical.CLASSICAL_METHODS)}"
-        )
-    if preprocess is not None and preprocess not in PREPROCESS_MODES:
-        raise ConfigError(f"embed.preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-    if weights not in ("imagenet", "none") and not is_model_file(backbone):
-        if "://" not in weights and not Path(weights).is_file():
-            raise ConfigError(f"embed.weights must be imagenet, none or an existing weights file, got {weights!r}")
 
 
 def input_size_of(backbone: str, override: int | None = None) -> int:
@@ -152,7 +132,6 @@ class EmbeddingModel:
     def __init__(self, key: ModelKey):
         import tensorflow as tf
 
-        from pipeline.core import descriptors
 
         self.key = key
         features = _build_feature_model(key)
@@ -165,15 +144,14 @@ class EmbeddingModel:
             x = scale_pixels(tf.cast(batch, tf.float32), mode)
             y = features(x, training=False)
             if len(y.shape) == 4:  # a feature map: pool it here
-                y = descriptors.pool_feature_map(tf.cast(y, tf.float32), key.pooling, gem_p=key.gem_p,
-                                                 rmac_levels=key.rmac_levels, l2_normalize=False)
-            # A tiny epsilon: random-weight (timing-only) networks give activations near 1e-10.
-            return tf.math.l2_normalize(tf.cast(y, tf.float32), axis=-1, epsilon=1e-30)
+                y = pooling.pool_feature_map(tf.cast(y, tf.float32), key.pooling, gem_p=key.gem_p,
+                                                 rmac_levels=key.rmac_levels, normalize=False)
+            return vectors.l2_normalize_tf(tf.cast(y, tf.float32))
 
         self._embed = embed
         self.whitening = None
         if key.postprocess:
-            self.whitening = descriptors.load_whitening_uri(key.postprocess)
+            self.whitening = whitening.load_whitening_uri(key.postprocess)
             if self.whitening.input_dim != self.features_dim:
                 raise ValueError(f"post-processing {key.postprocess} expects {self.whitening.input_dim}-d "
                                  f"descriptors, backbone {key.backbone} gives {self.features_dim}-d")
@@ -185,14 +163,14 @@ class EmbeddingModel:
 
     def postprocess(self, X: np.ndarray) -> np.ndarray:
         """Pooled descriptors -> final embeddings (power normalisation, learned projection, L2)."""
-        from pipeline.core import descriptors
+
 
         X = np.asarray(X, dtype=np.float32)
         if self.key.power_norm != 1.0:
-            X = descriptors.power_normalise(X, self.key.power_norm)
+            X = whitening.power_normalise(X, self.key.power_norm)
         if self.whitening is not None:
             X = self.whitening.apply(X)
-        return descriptors.l2_normalize(X)
+        return vectors.l2_normalize(X)
 
 
 def scale_pixels(x, mode: str):

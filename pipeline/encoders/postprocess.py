@@ -2,7 +2,7 @@
 
 ``embed.postprocess`` is a ``.npz`` path (local or any URI the workdir store reads), an
 MLflow run id of a ``train`` run, or ``runs:/<run id>/...``. The artifact is a
-:class:`pipeline.descriptors.Whitening` (no pickle); its content hash is part of the
+:class:`pipeline.core.whitening.Whitening` (no pickle); its content hash is part of the
 embedding table's fingerprint, so a new artifact re-embeds.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import glob
 import os
 import re
 
-from pipeline.core import descriptors
+from pipeline.core import whitening
 from pipeline.core import storage
 from pipeline.config import Config, ConfigError
 
@@ -25,11 +25,11 @@ def resolve(config: Config) -> tuple[str, str]:
     spec = config.embed.postprocess
     if not spec:
         raise ConfigError("embed.postprocess is not set")
-    cache_key = (spec, config.workdir) + descriptors._file_identity(spec)[1:]
+    cache_key = (spec, config.workdir) + whitening._file_identity(spec)[1:]
     if cache_key not in _RESOLVED:
         uri = _locate(spec, config)
         try:
-            version = descriptors.load_whitening_uri(uri).version
+            version = whitening.load_whitening_uri(uri).version
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"embed.postprocess: cannot read {uri}: {exc}") from exc
         _RESOLVED[cache_key] = (uri, version)
@@ -52,7 +52,7 @@ def _locate(spec: str, config: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(config.tracking_uri())
-    local = storage.local_path_of(storage.Workdir.of(config.workdir).join(ARTIFACT_DIR, run_id))
+    local = storage.local_path_of(f"{storage.Workdir.of(config.workdir).postprocess}/{run_id}")
     if local is None:
         import tempfile
 

@@ -9,6 +9,7 @@ from pyspark.sql import functions as F
 from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import storage
+from pipeline.encoders import registry
 from pipeline.stages import index as ix
 from pipeline.stages import tables
 from pipeline.stages.components import connected_components
@@ -30,7 +31,7 @@ def pairs_from_neighbors(neighbors: DataFrame, threshold: float) -> DataFrame:
 
 
 def groups_with_keep(components: DataFrame, images: DataFrame) -> DataFrame:
-    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.grouping`."""
+    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.core.grouping`."""
     info = images.select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES)
     pixels = F.coalesce(F.col(S.WIDTH), F.lit(0)).cast("long") * F.coalesce(F.col(S.HEIGHT), F.lit(0)).cast("long")
     by_group = Window.partitionBy(S.GROUP_ID)
@@ -48,10 +49,8 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     neighbors = search_neighbors(spark, config, config.dedup.k + 1)  # +1: the query finds itself
-    from pipeline.stages import classical as classical_stage
-
     metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
-    threshold = classical_stage.effective_threshold(config, metric)  # dedup.hamming_bits for hashes
+    threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
     pairs = pairs_from_neighbors(neighbors, threshold)
     tables.write_table(pairs, workdir.pairs(method))
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")

@@ -18,44 +18,72 @@ from pyspark.sql import functions as F
 
 from pipeline import schemas as S
 from pipeline.config import Config
+from pipeline.core import rerank as core_rerank
 from pipeline.core import storage
+from pipeline.stages import embed as em
 from pipeline.stages import index as ix
 from pipeline.stages import tables
 
 log = logging.getLogger(__name__)
 
 
-def _weighted_sums(spark: SparkSession, rows: DataFrame) -> DataFrame:
-    """(image_id, weight, embedding) rows -> (image_id, embedding = l2(sum weight * embedding))."""
-    def combine(pdf: pd.DataFrame) -> pd.DataFrame:
-        vectors = np.stack(pdf[S.EMBEDDING].to_numpy()).astype(np.float32)
-        total = (pdf["weight"].to_numpy(np.float32)[:, None] * vectors).sum(axis=0)
-        norm = float(np.sqrt(max(float(total @ total), 1e-12)))
-        return pd.DataFrame({S.IMAGE_ID: [pdf[S.IMAGE_ID].iloc[0]], S.EMBEDDING: [(total / norm).astype(np.float32)]})
+_VECTORS = f"{S.IMAGE_ID} string, {S.EMBEDDING} array<float>"
+# Role of a row in a query-expansion group: the query itself, or one of its neighbours.
+_ROLE = "role"
 
-    return rows.groupBy(S.IMAGE_ID).applyInPandas(combine, schema=f"{S.IMAGE_ID} string, {S.EMBEDDING} array<float>")
+
+def _stack(column: pd.Series) -> np.ndarray:
+    return np.stack(column.to_numpy()).astype(np.float32)
+
+
+def _expand_group(alpha: float):
+    def expand(pdf: pd.DataFrame) -> pd.DataFrame:
+        is_query = pdf[_ROLE].to_numpy() == 0
+        neighbors = pdf[~is_query]
+        dim = len(pdf[S.EMBEDDING].iloc[0])
+        vectors = _stack(neighbors[S.EMBEDDING]) if len(neighbors) else np.zeros((0, dim), np.float32)
+        q = _stack(pdf[is_query][S.EMBEDDING])[:1]
+        out = core_rerank.expand_with_neighbors(q, vectors[None], alpha)
+        return pd.DataFrame({S.IMAGE_ID: [pdf[S.IMAGE_ID].iloc[0]], S.EMBEDDING: [out[0]]})
+
+    return expand
+
+
+def _augment_group(alpha: float):
+    def augment(pdf: pd.DataFrame) -> pd.DataFrame:
+        sims = pdf[S.SIMILARITY].to_numpy(np.float32)
+        out = core_rerank.augment_with_neighbors(_stack(pdf[S.EMBEDDING])[None], sims[None], alpha)
+        return pd.DataFrame({S.IMAGE_ID: [pdf[S.IMAGE_ID].iloc[0]], S.EMBEDDING: [out[0]]})
+
+    return augment
 
 
 def expand_queries(spark: SparkSession, config: Config, queries: DataFrame, neighbors: DataFrame,
-                    qe_k: int, alpha: float) -> DataFrame:
-    """alpha-QE: q' = l2(q + sum over the qe_k best other neighbours of max(sim, 0)^alpha * d)."""
+                   qe_k: int, alpha: float) -> DataFrame:
+    """alpha-QE (:func:`pipeline.core.rerank.expand_with_neighbors`) per query, over its qe_k best other neighbours."""
     database = tables.read_table(spark, storage.Workdir.of(config.workdir).embeddings(config.embed.backbone),
-                                "embedding table").select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID),
-                                                          F.col(S.EMBEDDING).alias("vector"))
+                                 "embedding table").select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID),
+                                                           F.col(S.EMBEDDING).alias("vector"))
     order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
     top = (neighbors.where(F.col(S.QUERY_ID) != F.col(S.NEIGHBOR_ID))
            .withColumn("r", F.row_number().over(order)).where(F.col("r") <= qe_k))
     parts = top.join(database, S.NEIGHBOR_ID).select(
-        F.col(S.QUERY_ID).alias(S.IMAGE_ID),
-        F.pow(F.greatest(F.col(S.SIMILARITY), F.lit(0.0)), F.lit(float(alpha))).cast("float").alias("weight"),
-        F.col("vector").alias(S.EMBEDDING))
-    own = queries.select(S.IMAGE_ID, F.lit(1.0).cast("float").alias("weight"), S.EMBEDDING)
-    return _weighted_sums(spark, own.unionByName(parts))
+        F.col(S.QUERY_ID).alias(S.IMAGE_ID), F.lit(1).alias(_ROLE), F.col("vector").alias(S.EMBEDDING))
+    own = queries.select(S.IMAGE_ID, F.lit(0).alias(_ROLE), S.EMBEDDING)
+    return own.unionByName(parts).groupBy(S.IMAGE_ID).applyInPandas(_expand_group(float(alpha)), schema=_VECTORS)
+
+
+def augment_database(neighbors: DataFrame, embeddings: DataFrame, alpha: float) -> DataFrame:
+    """DBA (:func:`pipeline.core.rerank.augment_with_neighbors`) per image, over its self-search neighbours."""
+    vectors = embeddings.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
+    rows = neighbors.join(vectors, S.NEIGHBOR_ID).select(
+        F.col(S.QUERY_ID).alias(S.IMAGE_ID), S.SIMILARITY, F.col("vector").alias(S.EMBEDDING))
+    return rows.groupBy(S.IMAGE_ID).applyInPandas(_augment_group(float(alpha)), schema=_VECTORS)
 
 
 def derived_config(config: Config, name: str, **overrides) -> Config:
     """A config whose workdir is ``<workdir>/derived/<name>`` (derived tables and their index)."""
-    sub = storage.Workdir.of(config.workdir).join("derived", name)
+    sub = storage.Workdir.of(config.workdir).derived(name).root
     return config.with_overrides(workdir=sub, mlflow__tracking_uri=config.tracking_uri(), **overrides)
 
 
@@ -68,8 +96,6 @@ def _images_digest(images: DataFrame) -> list:
 
 def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
     """The embedding table of every image rotated by ``rotation`` degrees (built when stale)."""
-    from pipeline.stages import embed as em
-
     sub = derived_config(config, f"rot{rotation}", embed__rotation=rotation)
     target = storage.Workdir.of(sub.workdir).embeddings(config.embed.backbone)
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
@@ -96,7 +122,7 @@ def ensure_dba(spark: SparkSession, config: Config, search: Callable[..., DataFr
     workdir = storage.Workdir.of(config.workdir)
     base = ix.IndexInfo.load(workdir.index_dir(method))
     sub = derived_config(config, "dba")
-    marker = storage.Workdir.of(sub.workdir).join("dba.json")
+    marker = storage.Workdir.of(sub.workdir).dba_marker
     meta = {"base_index": base.meta["created_at"], "base_embeddings": base.meta.get("embeddings"),
             "count": base.meta["count"], "k": d.dba_k, "alpha": d.dba_alpha, "index": dataclasses.asdict(config.index)}
     if storage.file_exists(marker) and storage.read_json(marker) == meta:
@@ -105,12 +131,7 @@ def ensure_dba(spark: SparkSession, config: Config, search: Callable[..., DataFr
     embeddings = tables.read_table(spark, workdir.embeddings(method), "embedding table").where(
         F.col(S.STATUS) == S.STATUS_OK)
     neighbors = search(spark, config, d.dba_k, embeddings.select(S.IMAGE_ID, S.EMBEDDING))
-    vectors = embeddings.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
-    parts = neighbors.join(vectors, S.NEIGHBOR_ID).select(
-        F.col(S.QUERY_ID).alias(S.IMAGE_ID),
-        F.pow(F.greatest(F.col(S.SIMILARITY), F.lit(0.0)), F.lit(float(d.dba_alpha))).cast("float").alias("weight"),
-        F.col("vector").alias(S.EMBEDDING))
-    augmented = _weighted_sums(spark, parts).withColumnRenamed(S.EMBEDDING, "augmented")
+    augmented = augment_database(neighbors, embeddings, d.dba_alpha).withColumnRenamed(S.EMBEDDING, "augmented")
     table = (embeddings.join(augmented, S.IMAGE_ID)
              .withColumn(S.EMBEDDING, F.col("augmented")).select(*S.EMBEDDING_TABLE.fieldNames()))
     tables.write_table(table, storage.Workdir.of(sub.workdir).embeddings(method), metadata=meta)

@@ -1,4 +1,4 @@
-"""Pure tests of pipeline.descriptors against straightforward numpy references."""
+"""Pure tests of pipeline.core (vectors, pooling, whitening, rerank) against straightforward numpy references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.core.descriptors import Whitening, alpha_query_expansion, combine_scales, database_side_augmentation, fit_pca_whitening, l2_normalize, pool_feature_map, power_normalise, rmac_regions
+from pipeline.core.pooling import combine_scales, pool_feature_map, rmac_regions
+from pipeline.core.rerank import alpha_query_expansion, database_side_augmentation
+from pipeline.core.vectors import l2_normalize
+from pipeline.core.whitening import Whitening, fit_pca_whitening, power_normalise
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -44,7 +47,7 @@ def test_gem_limits_and_normalisation() -> None:
     x = _feature_map(6, 4) + 0.1
     np.testing.assert_allclose(pool_feature_map(x, "gem", gem_p=1.0).numpy(), x.mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(pool_feature_map(x, "gem", gem_p=200.0).numpy(), x.max(axis=(1, 2)), rtol=0.05)
-    out = pool_feature_map(x, "avg", l2_normalize=True).numpy()
+    out = pool_feature_map(x, "avg", normalize=True).numpy()
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown pooling"):
         pool_feature_map(x, "sum")
@@ -53,12 +56,12 @@ def test_gem_limits_and_normalisation() -> None:
 @pytest.mark.parametrize("method", ["avg", "max", "gem", "rmac"])
 def test_pooling_with_dynamic_shape_matches_static(method: str) -> None:
     fn = tf.function(
-        lambda t: pool_feature_map(t, method, l2_normalize=True),
+        lambda t: pool_feature_map(t, method, normalize=True),
         input_signature=[tf.TensorSpec([None, None, None, 8], tf.float32)],
     )
     for hw in [(7, 7), (10, 15), (20, 15)]:
         x = _feature_map(*hw, seed=hw[0])
-        expected = pool_feature_map(x, method, l2_normalize=True).numpy()
+        expected = pool_feature_map(x, method, normalize=True).numpy()
         np.testing.assert_allclose(fn(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,16 +1,16 @@
-"""The ``train`` job: fit a classical method's vocabulary / GMM on a training collection.
+"""Stage: fit a classical method's vocabulary / GMM on a training collection, in Spark.
 
 ``neardup train --method vlad-ssr --input DIR [DIR ...]`` (or ``classical.train_input``):
 
 1. the training folders are listed and described as an image table (the ingest stage's
-   own :func:`pipeline.ingest.build_image_table`, never written: it is not the corpus);
+   own :func:`pipeline.stages.ingest.build_image_table`, never written: it is not the corpus);
 2. SIFT / RootSIFT descriptors are extracted in Spark, one pandas UDF call per batch of
    images, and committed as a descriptor table under
    ``<workdir>/train_descriptors/<listing>-<sift settings>/``, so every method with the same
    SIFT settings (bow, vlad, fisher ...) reuses one extraction;
 3. the driver reads the descriptors back and fits (FAISS k-means, scikit-learn GMM);
 4. the artifact is written as ``<workdir>/artifacts/<method>/<version>.npz`` (version: the
-   content hash of :class:`pipeline.classical.Artifact`) with a ``<version>.json`` beside it,
+   content hash of :class:`pipeline.core.classical.Artifact`) with a ``<version>.json`` beside it,
    and logged to MLflow.
 
 A second request with the same method, options, training files (paths, sizes, mtimes) and
@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import classical
-from pipeline.stages import classical as classical_stage
+from pipeline.encoders.base import Encoder
+from pipeline.encoders.classical import decode, load_method, options_for
 from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline.config import Config, ConfigError
@@ -74,7 +75,7 @@ def training_key(name: str, params: dict[str, Any], listing_key: str, config: Co
 
 
 def artifact_dir(config: Config, name: str) -> str:
-    return storage.Workdir.of(config.workdir).join("artifacts", storage.tag_of(name))
+    return storage.Workdir.of(config.workdir).artifacts(name)
 
 
 def train(spark, config: Config, name: str) -> TrainResult:
@@ -83,7 +84,7 @@ def train(spark, config: Config, name: str) -> TrainResult:
     inputs = [storage.absolute_uri(p) for p in config.classical.train_input]
     if not inputs:
         raise ConfigError(f"train {name}: no training collection; pass --input DIR or set classical.train_input")
-    options = classical_stage.options_for(config, name)
+    options = options_for(config, name)
     method = classical.get_method(name, **options)
     listing = _listing(spark, inputs)
     listing_key = _digest(listing)
@@ -131,7 +132,7 @@ def _log(result: TrainResult, local_npz: str | None) -> None:
 
     if mlflow.active_run() is None:
         return
-    classical_stage.log_params({
+    log_params({
         "train_method": result.method, "train_artifact_version": result.version,
         "train_artifact_uri": result.uri, "train_input": ",".join(result.train_input),
         "train_images": result.n_images, "train_reused": result.reused,
@@ -159,7 +160,7 @@ def training_descriptors(spark, config: Config, method: classical.LocalDescripto
 
     p = method.params
     sift = {"max_side": int(p["max_side"]), "nfeatures": int(p["nfeatures"]), "rootsift": bool(p["rootsift"])}
-    uri = storage.Workdir.of(config.workdir).join("train_descriptors", f"{listing_key}-{_digest(sift)}")
+    uri = storage.Workdir.of(config.workdir).train_descriptors(f"{listing_key}-{_digest(sift)}")
     if not tables.is_committed(spark, uri):
         cfg = config.with_overrides(ingest__input=list(inputs))
         images = (ingest.build_image_table(spark, cfg).where(F.col(S.STATUS) == S.STATUS_OK)
@@ -169,12 +170,12 @@ def training_descriptors(spark, config: Config, method: classical.LocalDescripto
         name = method.name
 
         def extract(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            m = classical_stage.load_method(name, None, {k: v for k, v in p.items()})
+            m = load_method(name, None, {k: v for k, v in p.items()})
             for batch in batches:
                 out = {"image_id": [], "n": [], "descriptors": [], "error": []}
                 for image_id, content in zip(batch[S.IMAGE_ID], batch[S.CONTENT]):
                     try:
-                        d = m.extractor(classical_stage.decode(content, m, max_pixels))
+                        d = m.extractor(decode(content, m, max_pixels))
                         out["descriptors"].append(np.ascontiguousarray(d, dtype=np.float32).tobytes())
                         out["n"].append(len(d))
                         out["error"].append(None)
@@ -203,17 +204,28 @@ def training_descriptors(spark, config: Config, method: classical.LocalDescripto
     return per_image
 
 
-# -------------------------------------------------------------------- job
-def train_job(spark, config: Config) -> dict[str, Any]:
-    """``neardup train --method M --input DIR``: one MLflow run holding the artifact."""
-    from pipeline.stages import tracking
+def prepare(spark, encoder: Encoder) -> tuple[Encoder, dict[str, Any]]:
+    """Train (or reuse) what ``encoder`` needs before the embed timing starts.
 
-    name = config.embed.backbone
-    if not classical.is_classical(name):
-        raise ConfigError(f"train: {name!r} is not a classical method; known: {', '.join(classical.CLASSICAL_METHODS)}")
-    with tracking.mlflow_run(config, f"train-{storage.tag_of(name)}", tags={"job": "train", "method": name}) as run:
-        result = train(spark, config, name)
-        out = {**asdict(result), "mlflow_run_id": run.info.run_id}
-    print(f"{name}: artifact {result.uri} (version {result.version}, "
-          f"{'reused' if result.reused else f'trained on {result.n_images} images in {result.seconds:.1f} s'})")
-    return out
+    Returns the encoder that names its artifact, and metrics; records the encoder's training
+    params (which artifact, which training set) in the active MLflow run.
+    """
+    metrics: dict[str, Any] = {}
+    if encoder.needs_training:
+        if not encoder.config.classical.train_input:
+            encoder.preflight()  # raises the explanatory ConfigError
+        started = time.perf_counter()
+        result = train(spark, encoder.config, encoder.name)
+        metrics["train_seconds"] = time.perf_counter() - started
+        metrics["train_reused"] = float(result.reused)
+        encoder = encoder.with_artifact(result.uri)
+    log_params(encoder.training_params())
+    return encoder, metrics
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params to the active MLflow run, if any (values cut to MLflow's length limit)."""
+    import mlflow
+
+    if params and mlflow.active_run() is not None:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
