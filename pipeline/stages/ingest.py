@@ -6,6 +6,12 @@ ignores names starting with ``_`` or ``.`` (Hadoop's hidden-file rule; cameras n
 ``_DSC1234.JPG``) and one unreadable file fails its whole task. Bytes are read by the
 executors, file by file, so a bad file becomes a row, not a crash.
 
+Nothing on the driver grows with the number of files: executors list the tree
+(:mod:`pipeline.core.listing`; the driver plans a bounded number of folders) and stream the
+listing to a scratch Parquet table next to the image table; shards are decided from that
+table in Spark (:func:`assign_shards`), and an incremental run plans its changes as a join
+(:func:`plan_changes`). The driver only ever collects counts.
+
 Incremental: when the workdir already holds an image table made with the same settings, a
 file whose (path, size, modification time) is unchanged keeps its previous row without
 being read; new and changed files are described; rows of deleted files are dropped. The
@@ -15,34 +21,28 @@ interrupted ingest leaves the previous table in place.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import hashlib
 import logging
+import math
 import os
-import stat
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipeline import schemas as S
-from pipeline.core import storage
-from pipeline.stages import tables
 from pipeline.config import Config
+from pipeline.core import listing as L
+from pipeline.core import storage
+from pipeline.core.listing import ListedFile, display_path, image_id_for, raw_path_of  # noqa: F401  (re-exported)
+from pipeline.stages import tables
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ListedFile:
-    path: str  # as the OS gave it: may hold surrogate escapes for names that are not UTF-8
-    size_bytes: int
-    modification_time: dt.datetime | None
-    # Set when the listing itself decided the row (broken symlink, link cycle, not a file ...).
-    listing_error: str | None = None
-    listing_status: str = S.STATUS_ERROR
 
 
 @dataclass
@@ -62,172 +62,6 @@ class IngestReport:
 # Bump when describe_files would produce a different row for the same bytes: a previous
 # image table written by another version (or with another max_pixels) is then not reused.
 DESCRIBE_VERSION = 1
-
-
-def raw_path_of(path: str) -> bytes:
-    """The exact bytes of a path (names that are not UTF-8 come back from the OS escaped)."""
-    return path.encode("utf-8", "surrogateescape")
-
-
-def display_path(path: str) -> str:
-    """The path as stored in the image table: valid UTF-8, undecodable bytes shown as ``\\xNN``.
-
-    Spark strings must be valid UTF-8; an archive from an old Latin-1 system has names that
-    are not, and those files still deserve a row (and a readable name) instead of a crash.
-    """
-    return raw_path_of(path).decode("utf-8", "backslashreplace")
-
-
-def image_id_for(path: str) -> str:
-    """Stable id derived from the path, so reruns and incremental ingests agree."""
-    return hashlib.sha1(raw_path_of(path)).hexdigest()[:20]
-
-
-# ------------------------------------------------------------------ listing
-def list_files(uri: str, follow_symlinks: bool = True, spark: SparkSession | None = None) -> list[ListedFile]:
-    """All files under ``uri`` (a file or a folder, recursively)."""
-    return list_inputs([uri], follow_symlinks, spark)
-
-
-def list_inputs(uris: list[str], follow_symlinks: bool = True,
-                spark: SparkSession | None = None) -> list[ListedFile]:
-    """Every file under every input, each path once, sorted by path."""
-    files: list[ListedFile] = []
-    local = [storage.local_path_of(u) for u in uris]
-    local_roots = [os.path.abspath(p) for p in local if p is not None]
-    if local_roots:
-        files.extend(_list_local(local_roots, follow_symlinks))
-    for uri, path in zip(uris, local):
-        if path is None:
-            if spark is None:
-                raise ValueError(f"listing {uri} needs a Spark session (Hadoop filesystem)")
-            files.extend(_list_hadoop(spark, uri))
-    # A file reached twice (overlapping inputs) is still one file: one row.
-    unique = {f.path: f for f in files}
-    return sorted(unique.values(), key=lambda f: f.path)
-
-
-def _inside(real: str, real_roots: list[str]) -> bool:
-    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in real_roots)
-
-
-def _list_local(roots: list[str], follow_symlinks: bool) -> Iterator[ListedFile]:
-    """Walk local trees; every directory entry that is not a folder becomes one ListedFile.
-
-    Symlink policy (documented in docs/bad-files.md):
-
-    * ``follow_symlinks=false``: every link is listed and recorded as skipped.
-    * a link whose target lies inside an input is skipped ("already in the input"): the
-      target is listed once under its real path, so a link can neither double a file nor
-      loop (link cycles are links into the tree);
-    * a link to a file or folder outside every input is followed and listed under the
-      link's path; each real folder is walked at most once, so links between outside
-      folders cannot loop either;
-    * a link to nothing is an error ("broken symbolic link"; "symbolic link loop" when
-      the link chain never ends).
-    """
-    for root in roots:
-        if not os.path.exists(root):
-            raise FileNotFoundError(f"input not found: {root}")
-    real_roots = [os.path.realpath(r) for r in roots]
-    seen_dirs: set[tuple[int, int]] = set()
-    stack: list[str] = []
-    for root in reversed(roots):
-        if os.path.isdir(root):
-            stack.append(root)
-        else:
-            yield _listed(root, follow_symlinks=True)
-    while stack:
-        folder = stack.pop()
-        try:
-            st = os.stat(folder)
-        except OSError as exc:
-            yield ListedFile(folder, 0, None, f"unreadable folder: {exc.strerror}")
-            continue
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            continue  # an input nested in another, or an outside folder reached twice
-        seen_dirs.add((st.st_dev, st.st_ino))
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            yield ListedFile(folder, 0, None, f"unreadable folder: {exc.strerror}")
-            continue
-        subfolders: list[str] = []
-        for entry in entries:
-            path = entry.path
-            if entry.is_symlink():
-                listed = _symlink(path, follow_symlinks, real_roots)
-                if listed is None:
-                    subfolders.append(path)
-                elif listed is not _FOLLOW_FILE:
-                    yield listed
-                    continue
-                else:
-                    yield _listed(path, follow_symlinks=True)
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                subfolders.append(path)
-            else:
-                yield _listed(path, follow_symlinks=False)
-        # Reversed so folders pop in name order: which of two links to the same outside
-        # folder names its files is then decided by name, the same on every run.
-        stack.extend(reversed(subfolders))
-
-
-_FOLLOW_FILE = ListedFile("", 0, None)  # sentinel: "list the link like a plain file"
-
-
-def _symlink(path: str, follow_symlinks: bool, real_roots: list[str]) -> ListedFile | None:
-    """Apply the symlink policy to one link: a finished row, _FOLLOW_FILE, or None (walk it)."""
-    if not follow_symlinks:
-        return ListedFile(path, 0, None, "symbolic link (not followed: ingest.follow_symlinks=false)",
-                          S.STATUS_SKIPPED)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        reason = "symbolic link loop" if exc.errno == errno.ELOOP else "broken symbolic link"
-        return ListedFile(path, 0, None, reason)
-    is_dir = stat.S_ISDIR(st.st_mode)
-    if _inside(os.path.realpath(path), real_roots):
-        what = "folder" if is_dir else "file"
-        return ListedFile(path, 0, None, f"symbolic link to a {what} already in the input", S.STATUS_SKIPPED)
-    return None if is_dir else _FOLLOW_FILE
-
-
-def _listed(path: str, follow_symlinks: bool) -> ListedFile:
-    try:
-        st = os.stat(path, follow_symlinks=follow_symlinks)
-    except OSError as exc:
-        return ListedFile(path, 0, None, f"unreadable file: {exc.strerror}")
-    if not stat.S_ISREG(st.st_mode):
-        return ListedFile(path, 0, None, f"not a regular file ({_file_kind(st.st_mode)})")
-    mtime = dt.datetime.fromtimestamp(st.st_mtime, tz=dt.timezone.utc).replace(tzinfo=None)
-    return ListedFile(path, int(st.st_size), mtime)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISLNK, "symbolic link")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _list_hadoop(spark: SparkSession, uri: str) -> Iterator[ListedFile]:
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(uri)
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(hpath):
-        raise FileNotFoundError(f"input not found: {uri}")
-    it = fs.listFiles(hpath, True)
-    while it.hasNext():
-        status = it.next()
-        mtime = dt.datetime.utcfromtimestamp(status.getModificationTime() / 1000.0)
-        yield ListedFile(status.getPath().toString(), int(status.getLen()), mtime)
 
 
 # ------------------------------------------------------------ per-file work
@@ -286,48 +120,201 @@ def describe_files(rows: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
     return pd.DataFrame(out, columns=S.IMAGE_TABLE.fieldNames())
 
 
-# ---------------------------------------------------------------- the stage
-def shard_by_size(files: list[ListedFile], max_shard_bytes: int) -> list[int]:
-    """Consecutive (path-ordered) files are packed into shards of at most ``max_shard_bytes``."""
-    shards, shard, filled = [], 0, 0
+# ------------------------------------------------------------------ listing
+LISTING_SCHEMA = T.StructType([
+    T.StructField(S.IMAGE_ID, T.StringType()), T.StructField(S.PATH, T.StringType()),
+    T.StructField("raw_path", T.BinaryType()), T.StructField(S.SIZE_BYTES, T.LongType()),
+    T.StructField(S.MODIFICATION_TIME, T.TimestampType()), T.StructField("listing_error", T.StringType()),
+    T.StructField("listing_status", T.StringType()),
+])
+_WALK_FIELDS = [T.StructField("walk_key", T.StringType()), T.StructField("walk_sort", T.BinaryType())]
+LISTING_COLUMNS = LISTING_SCHEMA.fieldNames()
+
+
+def listing_tasks(uris: list[str]) -> tuple[list[L.Task], list[str]]:
+    """The listing tasks of every input (a bounded number) and the inputs' real paths."""
+    local = [storage.local_path_of(u) for u in uris]
+    roots = L.input_roots([p for p in local if p is not None])
+    tasks: list[L.Task] = []
+    for uri, path in zip(uris, local):
+        if path is None:
+            tasks.extend(_remote_tasks(uri))
+    return L.plan_tasks(roots, _parallelism()) + tasks, [os.path.realpath(r) for r in roots]
+
+
+def _parallelism() -> int:
+    active = SparkSession.getActiveSession()
+    return active.sparkContext.defaultParallelism if active is not None else os.cpu_count() or 1
+
+
+def _remote_tasks(uri: str) -> list[L.Task]:
+    if not storage.file_exists(uri):
+        raise FileNotFoundError(f"input not found: {uri}")
+    try:
+        subfolders = L.remote_subfolders(uri)
+    except (OSError, NotADirectoryError):
+        subfolders = []
+    if subfolders is None:
+        return [L.Task(uri, "remote_tree")]
+    return [L.Task(uri, "remote_top")] + [L.Task(s, "remote_tree") for s in subfolders]
+
+
+def run_tasks(tasks: Iterable[L.Task], real_roots: list[str], follow_symlinks: bool) -> Iterator[ListedFile]:
+    for task in tasks:
+        if task.kind == "remote_top":
+            yield from L.list_remote(task.path, files_only_of_top=True)
+        elif task.kind == "remote_tree":
+            yield from L.list_remote(task.path)
+        else:
+            yield from L.list_task(task, real_roots, follow_symlinks)
+
+
+def _listing_row(f: ListedFile) -> tuple:
+    # Times are UTC instants: tz-aware, so no executor's local time zone shifts them.
+    mtime = f.modification_time.replace(tzinfo=dt.timezone.utc) if f.modification_time is not None else None
+    return (image_id_for(f.path), display_path(f.path), raw_path_of(f.path), f.size_bytes, mtime,
+            f.listing_error, f.listing_status, f.walk_key, f.walk_sort)
+
+
+def listing_frame(spark: SparkSession, uris: list[str], follow_symlinks: bool) -> DataFrame:
+    """The (lazy) listing of every input, made by executors; one row per directory entry.
+
+    Evaluate it once (write it, or checkpoint it): a second evaluation lists the disk again.
+    """
+    tasks, real_roots = listing_tasks(uris)
+    rdd = spark.sparkContext.parallelize(tasks, max(1, min(len(tasks), 4 * _parallelism())))
+    rows = rdd.mapPartitions(lambda part: (_listing_row(f) for f in run_tasks(part, real_roots, follow_symlinks)))
+    return spark.createDataFrame(rows, T.StructType(LISTING_SCHEMA.fields + _WALK_FIELDS), verifySchema=False)
+
+
+def first_walks_only(raw: DataFrame) -> DataFrame:
+    """Drop rows of outside folders that a path earlier in walk order also reached (see listing)."""
+    inside = raw.where(F.col("walk_key").isNull())
+    outside = raw.where(F.col("walk_key").isNotNull())
+    first = outside.groupBy("walk_key").agg(F.min("walk_sort").alias("_first"))
+    outside = outside.join(first, "walk_key").where(F.col("walk_sort") == F.col("_first"))
+    return inside.select(*LISTING_COLUMNS).unionByName(outside.select(*LISTING_COLUMNS))
+
+
+def list_inputs(uris: list[str], follow_symlinks: bool = True, spark: SparkSession | None = None) -> list[ListedFile]:
+    """Every file under every input, listed in this process: for small inputs and tests only."""
+    tasks, real_roots = listing_tasks(uris)
+    files = list(run_tasks(tasks, real_roots, follow_symlinks))
+    first: dict[str, bytes] = {}
     for f in files:
-        if filled and filled + f.size_bytes > max_shard_bytes:
-            shard, filled = shard + 1, 0
-        shards.append(shard)
-        filled += f.size_bytes
-    return shards
+        if f.walk_key is not None and (f.walk_key not in first or f.walk_sort < first[f.walk_key]):
+            first[f.walk_key] = f.walk_sort
+    kept = [f for f in files if f.walk_key is None or first[f.walk_key] == f.walk_sort]
+    return sorted(kept, key=lambda f: f.path)
 
 
-LISTING_SCHEMA = ("shard int, image_id string, path string, raw_path binary, size_bytes long, "
-                  "modification_time timestamp, listing_error string, listing_status string")
+def list_files(uri: str, follow_symlinks: bool = True, spark: SparkSession | None = None) -> list[ListedFile]:
+    """All files under ``uri`` (a file or a folder, recursively), listed in this process."""
+    return list_inputs([uri], follow_symlinks, spark)
 
 
-def describe_listing(spark: SparkSession, files: list[ListedFile], config: Config) -> DataFrame:
-    """The (lazy) image-table rows of ``files``, one Spark partition per size-bounded shard."""
-    if not files:
-        return spark.createDataFrame([], S.IMAGE_TABLE)
-    shard_ids = shard_by_size(files, config.ingest.max_shard_bytes)
-    n_shards = shard_ids[-1] + 1
-    rows = [(s, image_id_for(f.path), display_path(f.path), raw_path_of(f.path), f.size_bytes,
-             f.modification_time, f.listing_error, f.listing_status) for s, f in zip(shard_ids, files)]
-    listing = spark.createDataFrame(rows, LISTING_SCHEMA)
-    # One Spark partition per shard, so each Parquet file stays within max_shard_bytes.
-    listing = listing.repartition(n_shards, "shard").drop("shard") if n_shards > 1 else listing.coalesce(1).drop("shard")
+# ------------------------------------------------------------------ shards
+# Shards are packed greedily within ranges of the path order; each range holds about this
+# many shards, so at most one shard in this many is less than full.
+SHARDS_PER_RANGE = 8
+
+
+def _pack(sizes: Iterable[int], max_bytes: int, state: list[int]) -> list[int]:
+    """Greedy packing in order; ``state`` = [current shard, bytes in it] carries across batches."""
+    out = []
+    for size in sizes:
+        if state[1] and state[1] + size > max_bytes:
+            state[0], state[1] = state[0] + 1, 0
+        out.append(state[0])
+        state[1] += int(size)
+    return out
+
+
+def assign_shards(rows: DataFrame, max_shard_bytes: int) -> tuple[DataFrame, int, list[DataFrame]]:
+    """Add ``shard``: consecutive (path-ordered) rows packed into shards of at most ``max_shard_bytes``.
+
+    Returns the rows, the number of shards and what was persisted (unpersist it after use).
+    Computed in Spark: rows are range-partitioned by path, packed within each range, and
+    shard numbers offset by the counts of the ranges before (a collect of one number per range).
+    """
+    n, total = rows.agg(F.count(F.lit(1)), F.coalesce(F.sum(S.SIZE_BYTES), F.lit(0))).first()
+    if n == 0:
+        return rows.withColumn("shard", F.lit(0)), 0, []
+    n_ranges = max(1, math.ceil(total / (max_shard_bytes * SHARDS_PER_RANGE)))
+    ranged = (rows.repartitionByRange(n_ranges, S.PATH).sortWithinPartitions(S.PATH)
+              .withColumn("_range", F.spark_partition_id()).persist(StorageLevel.MEMORY_AND_DISK))
+
+    def count(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        state, where = [0, 0], None
+        for batch in batches:
+            if len(batch):
+                where = int(batch["_range"].iloc[0])
+                _pack(batch[S.SIZE_BYTES], max_shard_bytes, state)
+        if where is not None:
+            yield pd.DataFrame({"_range": [where], "n": [state[0] + 1]})
+
+    counts = dict(ranged.select("_range", S.SIZE_BYTES).mapInPandas(count, "_range int, n long").collect())
+    offsets, start = {}, 0
+    for r in sorted(counts):
+        offsets[r], start = start, start + counts[r]
+
+    def number(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        state = [0, 0]
+        for batch in batches:
+            if len(batch):
+                local = _pack(batch[S.SIZE_BYTES], max_shard_bytes, state)
+                batch = batch.assign(shard=[offsets[int(batch["_range"].iloc[0])] + s for s in local])
+                yield batch.drop(columns=["_range"])
+
+    schema = T.StructType([f for f in ranged.schema.fields if f.name != "_range"] + [T.StructField("shard", T.LongType())])
+    return ranged.mapInPandas(number, schema), start, [ranged]
+
+
+def one_shard_per_partition(rows: DataFrame, n_shards: int) -> DataFrame:
+    """Repartition so that partition ``k`` holds exactly shard ``k`` (one shard, one task, one file).
+
+    ``repartition(n, shard)`` hashes, so two shards can share a task and others get none.
+    Spark's hash partitioning puts a key in partition ``pmod(hash(key), n)`` (Murmur3, the SQL
+    ``hash``), so a key per shard that lands exactly there is found in Spark and used instead.
+    """
+    spark = rows.sparkSession
+    for tries in (32, 1024):
+        keys = (spark.range(n_shards * tries)
+                .select(F.expr(f"pmod(hash(id), {n_shards})").alias("shard"), F.col("id").alias("_key"))
+                .groupBy("shard").agg(F.min("_key").alias("_key")))
+        if keys.count() == n_shards:
+            break
+    else:  # pragma: no cover  (each of n buckets missed by 1024 n draws: probability e^-1024)
+        raise RuntimeError(f"no partition key found for each of {n_shards} shards")
+    placed = rows.join(F.broadcast(keys), "shard").repartition(n_shards, "_key")
+    return placed.sortWithinPartitions(S.PATH).drop("_key", "shard")
+
+
+def describe_listing(rows: DataFrame, config: Config) -> tuple[DataFrame, list[DataFrame]]:
+    """The (lazy) image-table rows of listed files, one Spark partition per size-bounded shard.
+
+    Also returns what was persisted on the way (unpersist it once the table is written).
+    """
+    sharded, n_shards, persisted = assign_shards(rows.select(*LISTING_COLUMNS), config.ingest.max_shard_bytes)
+    if n_shards == 0:
+        return rows.sparkSession.createDataFrame([], S.IMAGE_TABLE), persisted
     max_pixels = config.ingest.max_pixels
 
     def describe(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             yield describe_files(batch, max_pixels)
 
-    return listing.mapInPandas(describe, schema=S.IMAGE_TABLE)
+    return one_shard_per_partition(sharded, n_shards).mapInPandas(describe, schema=S.IMAGE_TABLE), persisted
 
 
 def build_image_table(spark: SparkSession, config: Config) -> DataFrame:
     """List the inputs and describe every file from scratch; returns the (lazy) image table."""
-    files = list_inputs(config.ingest.input, config.ingest.follow_symlinks, spark)
-    if not files:
+    # Checkpointed: the listing is read several times (shards, then rows) and must not change.
+    listed = first_walks_only(listing_frame(spark, config.ingest.input, config.ingest.follow_symlinks)
+                              .localCheckpoint(eager=True))
+    if listed.limit(1).count() == 0:
         raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
-    return describe_listing(spark, files, config)
+    return describe_listing(listed, config)[0]
 
 
 def table_metadata(config: Config) -> dict:
@@ -335,40 +322,35 @@ def table_metadata(config: Config) -> dict:
     return {"describe_version": DESCRIBE_VERSION, "max_pixels": config.ingest.max_pixels}
 
 
-@dataclass
-class Plan:
-    """Incremental ingest: which listed files need reading, which previous rows stay."""
-    describe: list[ListedFile]
-    drop_paths: list[str]  # previous rows not carried over (changed, deleted, re-read)
-    changes: dict[str, int]
+# ------------------------------------------------------------ incremental
+CHANGES = ("reused", "new", "changed", "deleted")
+# Up to this many dropped paths are broadcast, so the kept rows (image bytes included) are
+# filtered where they lie; above it the previous table is shuffled by a plain anti-join.
+BROADCAST_DROPS = 200_000
 
 
-def plan_incremental(files: list[ListedFile], previous: dict[str, tuple]) -> Plan:
-    """Compare the listing with the previous table's (path -> size, mtime, sha256, status).
+def plan_changes(listing: DataFrame, previous: DataFrame) -> DataFrame:
+    """The listing joined with the previous table by path: every path with its ``change``.
 
-    A file whose path, size and modification time are unchanged keeps its previous row
-    without being read again. Rows the listing itself decided (links, special files) and
-    rows of files that could not be read are always redone: they are cheap, and a file
-    that was unreadable may be readable now.
+    A file whose path, size and modification time are unchanged is ``reused`` (its previous
+    row stays, unread). Rows the listing itself decided (links, special files) and rows of
+    files that could not be read are always redone (``changed``): they are cheap, and a file
+    that was unreadable may be readable now. ``deleted`` paths have no listing columns.
     """
-    describe, keep = [], set()
-    changes = {"reused": 0, "new": 0, "changed": 0, "deleted": 0}
-    for f in files:
-        key = display_path(f.path)
-        old = previous.get(key)
-        if old is None:
-            changes["new"] += 1
-            describe.append(f)
-        elif (f.listing_error is None and old[2] is not None and old[0] == f.size_bytes
-              and old[1] == f.modification_time):
-            changes["reused"] += 1
-            keep.add(key)
-        else:
-            changes["changed"] += 1
-            describe.append(f)
-    listed = {display_path(f.path) for f in files}
-    changes["deleted"] = sum(1 for p in previous if p not in listed)
-    return Plan(describe, sorted(p for p in previous if p not in keep), changes)
+    prev = previous.select(S.PATH, F.col(S.SIZE_BYTES).alias("_prev_size"),
+                           F.col(S.MODIFICATION_TIME).alias("_prev_time"),
+                           F.col(S.CONTENT_SHA256).alias("_prev_sha"), F.lit(True).alias("_prev"))
+    joined = listing.select(*LISTING_COLUMNS, F.lit(True).alias("_listed")).join(prev, S.PATH, "full_outer")
+    unchanged = (F.col("listing_error").isNull() & F.col("_prev_sha").isNotNull()
+                 & (F.col(S.SIZE_BYTES) == F.col("_prev_size")) & (F.col(S.MODIFICATION_TIME) == F.col("_prev_time")))
+    change = (F.when(F.col("_prev").isNull(), "new").when(F.col("_listed").isNull(), "deleted")
+              .when(unchanged, "reused").otherwise("changed"))
+    return joined.select(*LISTING_COLUMNS, change.alias("change"))
+
+
+def count_changes(plan: DataFrame) -> dict[str, int]:
+    counts = dict(plan.groupBy("change").count().collect())
+    return {c: int(counts.get(c, 0)) for c in CHANGES}
 
 
 def _previous_rows(spark: SparkSession, uri: str, config: Config) -> DataFrame | None:
@@ -381,33 +363,47 @@ def _previous_rows(spark: SparkSession, uri: str, config: Config) -> DataFrame |
     return tables.read_table(spark, uri, "image table")
 
 
+# ---------------------------------------------------------------- the stage
 def ingest(spark: SparkSession, config: Config) -> IngestReport:
     """Write the image table under the workdir (incrementally) and return its status counts."""
     workdir = storage.Workdir.of(config.workdir)
     tables.recover_table(spark, workdir.images)
-    files = list_inputs(config.ingest.input, config.ingest.follow_symlinks, spark)
-    if not files:
-        raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
-    previous = _previous_rows(spark, workdir.images, config)
-    if previous is None:
-        plan = Plan(files, [], {"reused": 0, "new": len(files), "changed": 0, "deleted": 0})
-        table = describe_listing(spark, files, config)
-    else:
-        known = {r[S.PATH]: (r[S.SIZE_BYTES], r[S.MODIFICATION_TIME], r[S.CONTENT_SHA256], r[S.STATUS])
-                 for r in previous.select(S.PATH, S.SIZE_BYTES, S.MODIFICATION_TIME, S.CONTENT_SHA256,
-                                          S.STATUS).collect()}
-        plan = plan_incremental(files, known)
-        kept = previous
-        if plan.drop_paths:
-            # Broadcast the (usually short) list of dropped paths so the kept rows, image bytes
-            # included, are filtered where they lie instead of being shuffled.
-            drop = spark.createDataFrame([(p,) for p in plan.drop_paths], f"{S.PATH} string")
-            kept = previous.join(F.broadcast(drop), S.PATH, "left_anti")
-        table = kept.select(*S.IMAGE_TABLE.fieldNames()).unionByName(describe_listing(spark, plan.describe, config))
-    tables.write_table(table, workdir.images, metadata=table_metadata(config))
+    # The listing is streamed to a scratch table next to the image table (any filesystem),
+    # read back for every later step, and deleted at the end; an interrupted run's is deleted
+    # by the next one.
+    tables.remove_siblings(spark, workdir.images, ".listing-")
+    scratch = f"{workdir.images}.listing-{uuid.uuid4().hex[:12]}"
+    persisted: list[DataFrame] = []
+    try:
+        listing_frame(spark, config.ingest.input, config.ingest.follow_symlinks).write.parquet(scratch)
+        listed = first_walks_only(spark.read.parquet(scratch))
+        previous = _previous_rows(spark, workdir.images, config)
+        if previous is None:
+            n = listed.count()
+            if n == 0:
+                raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
+            changes = {"reused": 0, "new": n, "changed": 0, "deleted": 0}
+            table, persisted = describe_listing(listed, config)
+        else:
+            plan = plan_changes(listed, previous).persist(StorageLevel.MEMORY_AND_DISK)
+            persisted.append(plan)
+            changes = count_changes(plan)
+            if changes["reused"] + changes["new"] + changes["changed"] == 0:
+                raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
+            drop = plan.where(F.col("change").isin("changed", "deleted")).select(S.PATH)
+            n_drop = changes["changed"] + changes["deleted"]
+            kept = previous.join(F.broadcast(drop) if n_drop <= BROADCAST_DROPS else drop, S.PATH, "left_anti")
+            described, more = describe_listing(plan.where(F.col("change").isin("new", "changed")), config)
+            persisted += more
+            table = kept.select(*S.IMAGE_TABLE.fieldNames()).unionByName(described)
+        tables.write_table(table, workdir.images, metadata=table_metadata(config))
+    finally:
+        for df in persisted:
+            df.unpersist()
+        tables.remove(spark, scratch)
     report = summarize(tables.read_table(spark, workdir.images, "image table"))
-    report.changes = plan.changes
-    log.info("ingested %d files: %s (%s)", report.total, report.by_status, plan.changes)
+    report.changes = changes
+    log.info("ingested %d files: %s (%s)", report.total, report.by_status, changes)
     return report
 
 

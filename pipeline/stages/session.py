@@ -22,12 +22,21 @@ log = logging.getLogger(__name__)
 # Settings the pipeline relies on. Worker reuse keeps the model cached per Python worker
 # (3x faster than reloading it every task); Arrow batches are capped so a UDF never gets a
 # whole partition of image bytes at once.
+# Shuffle partitions are sized from the data by adaptive query execution: a shuffle is
+# written into spark.sql.shuffle.partitions buckets (Spark's default, 200: the most a
+# shuffle can use) and its readers coalesce them into partitions of about the advisory size,
+# keeping at least one partition per core (parallelismFirst, Spark's default) because the
+# stages after a shuffle are Python work, not I/O. Stages that need an exact partitioning
+# (one index shard, one image shard per task) ask for it with an explicit repartition(n),
+# which adaptive execution leaves alone.
 BASE_CONF = {
     "spark.python.worker.reuse": "true",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.parquet.compression.codec": "snappy",
     "spark.ui.showConsoleProgress": "false",
-    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.adaptive.coalescePartitions.enabled": "true",
+    "spark.sql.adaptive.advisoryPartitionSizeInBytes": "64m",
 }
 
 

@@ -122,6 +122,20 @@ def clean_stale_staging(spark: SparkSession, parent: str) -> None:
             log.info("removed stale %s", status.getPath().toString())
 
 
+def remove_siblings(spark: SparkSession, uri: str, infix: str) -> None:
+    """Delete ``<uri><infix>*`` next to ``uri`` (scratch data an interrupted job left behind)."""
+    uri = uri.rstrip("/")
+    fs, final = _hadoop_fs(spark, uri)
+    parent = final.getParent()
+    if parent is None or not fs.exists(parent):
+        return
+    prefix = final.getName() + infix
+    for status in fs.listStatus(parent):
+        if status.getPath().getName().startswith(prefix):
+            fs.delete(status.getPath(), True)
+            log.info("removed stale %s", status.getPath().toString())
+
+
 def recover_table(spark: SparkSession, uri: str) -> None:
     """Undo what an interrupted write of ``uri`` left behind.
 

@@ -6,7 +6,6 @@ a from-scratch run on the final corpus.
 """
 from __future__ import annotations
 
-import datetime as dt
 import os
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from pipeline.stages import ingest as ing
 from pipeline import api
 from tests.helpers import _jpeg, make_config, make_small_corpus, snapshot
 
@@ -91,19 +89,3 @@ def test_changed_settings_describe_everything_again(spark, runs):
     config, *_ , n = runs
     metrics = api.ingest(config=config.with_overrides(ingest__max_pixels=10_000_000))
     assert metrics["files_reused"] == 0 and metrics["files_new"] == n + 1
-
-
-def test_plan_compares_path_size_and_time():
-    t0 = dt.datetime(2024, 1, 1, 12, 0, 0, 123456)
-    files = [ing.ListedFile("/a/same.jpg", 10, t0), ing.ListedFile("/a/bigger.jpg", 11, t0),
-             ing.ListedFile("/a/newer.jpg", 10, t0 + dt.timedelta(microseconds=1)),
-             ing.ListedFile("/a/was_unreadable.jpg", 10, t0), ing.ListedFile("/a/new.jpg", 10, t0),
-             ing.ListedFile("/a/now_a_broken_link.jpg", 0, None, "broken symbolic link")]
-    previous = {"/a/same.jpg": (10, t0, "h1", "ok"), "/a/bigger.jpg": (10, t0, "h2", "ok"),
-                "/a/newer.jpg": (10, t0, "h3", "error"), "/a/was_unreadable.jpg": (10, t0, None, "error"),
-                "/a/now_a_broken_link.jpg": (10, t0, "h4", "ok"), "/a/gone.jpg": (10, t0, "h5", "ok")}
-    plan = ing.plan_incremental(files, previous)
-    assert [f.path for f in plan.describe] == ["/a/bigger.jpg", "/a/newer.jpg", "/a/was_unreadable.jpg",
-                                               "/a/new.jpg", "/a/now_a_broken_link.jpg"]
-    assert plan.drop_paths == sorted(set(previous) - {"/a/same.jpg"})
-    assert plan.changes == {"reused": 1, "new": 1, "changed": 4, "deleted": 1}
