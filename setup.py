@@ -34,7 +34,7 @@ setup(
         # install exactly one of these two extras.
         "cpu": pinned("tensorflow-cpu", "faiss-cpu"),
         "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
-        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib"),
+        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "psutil"),
     },
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
 )
