@@ -104,7 +104,7 @@ def classify(proc, root_pid: int, cache: dict) -> str:
         elif "pyspark.daemon" in cmd or "pyspark.worker" in cmd or "pyspark/daemon.py" in cmd:
             kind = "python_workers"
         else:
-            kind = "other"
+            return "other"  # not cached: spark-submit's shell script exec()s into the JVM, same pid
         cache[proc.pid] = kind
     return kind
 
