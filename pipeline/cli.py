@@ -101,7 +101,8 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
 
 
 def job_function(job: str) -> Callable:
-    from pipeline import evaluate, workflow
+    from pipeline import workflow
+    from pipeline.evaluate import study as evaluate
 
     return {
         "train": train_dispatch,
@@ -116,7 +117,9 @@ def job_function(job: str) -> Callable:
 
 def train_dispatch(spark, config: Config) -> Any:
     """``train``: a classical method's vocabulary (``--method vlad-ssr``), else the CNN post-processing."""
-    from pipeline import classical, train, train_classical
+    from pipeline.core import classical
+    from pipeline.train import whitening as train
+    from pipeline.train import vocabulary as train_classical
 
     if classical.is_classical(config.embed.backbone):
         return train_classical.train_job(spark, config)
@@ -125,7 +128,7 @@ def train_dispatch(spark, config: Config) -> Any:
 
 def _train_inputs_for_classical(config: Config) -> Config:
     """``train --method M --input DIR``: the folders are the classical method's training set."""
-    from pipeline import classical
+    from pipeline.core import classical
 
     if classical.is_classical(config.embed.backbone) and config.train.input and not config.classical.train_input:
         return config.with_overrides(classical__train_input=config.train.input)
@@ -135,7 +138,7 @@ def _train_inputs_for_classical(config: Config) -> Config:
 def run_job(job: str, config: Config) -> Any:
     """Validate, start (or reuse) Spark, run one job."""
     from pipeline import workflow
-    from pipeline.session import spark_session
+    from pipeline.stages.session import spark_session
 
     if job == "train":
         config = _train_inputs_for_classical(config)
@@ -149,14 +152,14 @@ def run_job(job: str, config: Config) -> Any:
 
 def check_backbones_load(job: str, config: Config) -> None:
     """Load each backbone once on the driver before Spark starts: missing weights fail in seconds."""
-    from pipeline import embed
+    from pipeline.stages import embed
 
-    from pipeline.evaluate import expand_backbones
+    from pipeline.evaluate.study import expand_backbones
 
     if job in ("embed", "run", "train"):
         embed.check_model_loads(config.with_overrides(embed__postprocess=None) if job == "train" else config)
     elif job == "evaluate":
-        from pipeline import classical
+        from pipeline.core import classical
 
         names = expand_backbones(classical.expand_methods(config.evaluate.backbones))
         for backbone in names:
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _guarded(action: Callable[[], Any]) -> int:
-    from pipeline.backbones import WeightsUnavailableError
+    from pipeline.encoders.backbones import WeightsUnavailableError
     from pipeline.workflow import TooManyErrors
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -218,7 +218,7 @@ class Config:
     # --------------------------------------------------------------- validate
     def validate(self) -> "Config":
         """Raise :class:`ConfigError` naming the first bad value; return self when all is well."""
-        from pipeline import backbones  # local import: the registry pulls no TensorFlow
+        from pipeline.encoders import backbones
 
         if not self.workdir:
             raise ConfigError("workdir must be set")
@@ -250,7 +250,7 @@ class Config:
             self.embed.weights = os.path.abspath(self.embed.weights)
         if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
             raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
-        from pipeline import classical_stage
+        from pipeline.stages import classical as classical_stage
 
         classical_stage.validate(self)
         if self.evaluate.dataset not in ("ukbench", "holidays"):
@@ -261,7 +261,7 @@ class Config:
     def tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        from pipeline.store import local_path_of
+        from pipeline.core.storage import local_path_of
 
         local = local_path_of(self.workdir)
         if local is None:

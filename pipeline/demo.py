@@ -142,7 +142,9 @@ def run_demo(workdir: str, master: str | None = None) -> dict:
     """Build the corpus, run the main job on it, score its pairs against the ground truth."""
     import mlflow
 
-    from pipeline import metrics as M, schemas as S, store
+    from pipeline import schemas as S
+    from pipeline.core import metrics as M
+    from pipeline.core import storage
     from pipeline.cli import run_job
     from pipeline.config import Config
 
@@ -159,10 +161,10 @@ def run_demo(workdir: str, master: str | None = None) -> dict:
         group_of = {r["filename"]: r["group"] for r in csv.DictReader(fh)}
     import pyarrow.parquet as pq
 
-    wd = store.Workdir.of(str(workdir_path))
-    images = pq.read_table(store.local_path_of(wd.images), columns=[S.IMAGE_ID, S.PATH]).to_pylist()
+    wd = storage.Workdir.of(str(workdir_path))
+    images = pq.read_table(storage.local_path_of(wd.images), columns=[S.IMAGE_ID, S.PATH]).to_pylist()
     rel = {r[S.IMAGE_ID]: os.path.relpath(r[S.PATH], corpus) for r in images}
-    pairs = pq.read_table(store.local_path_of(wd.pairs(config.embed.backbone))).to_pylist()
+    pairs = pq.read_table(storage.local_path_of(wd.pairs(config.embed.backbone))).to_pylist()
     predicted = [(rel[p[S.IMAGE_ID_A]], rel[p[S.IMAGE_ID_B]]) for p in pairs]
     precision, recall = M.pair_precision_recall(predicted, M.true_pairs(group_of))
     missed = sorted(M.true_pairs(group_of) - {tuple(sorted(p)) for p in predicted})

@@ -11,13 +11,16 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipeline import dedup as dd
-from pipeline import embed as em
-from pipeline import index as ix
-from pipeline import ingest as ing
-from pipeline import schemas as S, store, tracking
+from pipeline.stages import dedup as dd
+from pipeline.stages import embed as em
+from pipeline.stages import index as ix
+from pipeline.stages import ingest as ing
+from pipeline import schemas as S
+from pipeline.core import storage
+from pipeline.stages import tables
+from pipeline.stages import tracking
 from pipeline.config import Config, ConfigError
-from pipeline.timing import timed
+from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def validate_inputs(config: Config) -> None:
     if not config.ingest.input:
         raise ConfigError("no input: pass --input DIR (or set ingest.input)")
     for uri in config.ingest.input:
-        local = store.local_path_of(uri)
+        local = storage.local_path_of(uri)
         if local is not None and not os.path.exists(local):
             raise ConfigError(f"input not found: {uri}")
         if local is not None and not os.access(local, os.R_OK):
@@ -87,10 +90,10 @@ def format_ingest_report(report: ing.IngestReport) -> str:
 def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -> dict[str, Any]:
     """``incremental=False``: embed every image again, e.g. to time the model."""
     metrics: dict[str, Any] = {}
-    from pipeline import classical
+    from pipeline.core import classical
 
     if classical.is_classical(config.embed.backbone):
-        from pipeline import classical_stage
+        from pipeline.stages import classical as classical_stage
 
         # Train (or reuse) a vocabulary before the embed timing starts.
         config, train_metrics = classical_stage.prepare(spark, config)
@@ -137,17 +140,17 @@ def ingest_job(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 
 def embed_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"embed-{store.tag_of(config.embed.backbone)}", tags={"job": "embed"}):
+    with tracking.mlflow_run(config, f"embed-{storage.tag_of(config.embed.backbone)}", tags={"job": "embed"}):
         return embed_stage(spark, config)
 
 
 def index_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"index-{store.tag_of(config.embed.backbone)}", tags={"job": "index"}):
+    with tracking.mlflow_run(config, f"index-{storage.tag_of(config.embed.backbone)}", tags={"job": "index"}):
         return index_stage(spark, config)
 
 
 def dedup_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"dedup-{store.tag_of(config.embed.backbone)}", tags={"job": "dedup"}):
+    with tracking.mlflow_run(config, f"dedup-{storage.tag_of(config.embed.backbone)}", tags={"job": "dedup"}):
         metrics = dedup_stage(spark, config)
         print_groups(spark, config)
         return metrics
@@ -155,7 +158,7 @@ def dedup_job(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def run_job(spark: SparkSession, config: Config) -> dict[str, Any]:
     """ingest -> embed -> index -> dedup, one MLflow run with every stage's metrics."""
-    with tracking.mlflow_run(config, f"run-{store.tag_of(config.embed.backbone)}", tags={"job": "run"}) as run:
+    with tracking.mlflow_run(config, f"run-{storage.tag_of(config.embed.backbone)}", tags={"job": "run"}) as run:
         metrics: dict[str, Any] = {}
         metrics.update(ingest_stage(spark, config))
         metrics.update(embed_stage(spark, config))
@@ -168,9 +171,9 @@ def run_job(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:
     """A short, human-readable view of the groups; the full tables are in the workdir."""
-    workdir = store.Workdir.of(config.workdir)
-    groups = store.read_table(spark, workdir.groups(config.embed.backbone), "groups table")
-    images = store.read_table(spark, workdir.images, "image table").select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT)
+    workdir = storage.Workdir.of(config.workdir)
+    groups = tables.read_table(spark, workdir.groups(config.embed.backbone), "groups table")
+    images = tables.read_table(spark, workdir.images, "image table").select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT)
     rows = (groups.join(images, S.IMAGE_ID)
             .orderBy(F.desc(S.GROUP_SIZE), S.GROUP_ID, F.desc(S.KEEP), S.PATH)
             .limit(limit * 10).collect())
