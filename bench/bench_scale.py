@@ -536,6 +536,36 @@ def summary_table(sizes: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict) -> str:
+    """The README / docs/scaling.md table of one result JSON."""
+    def cell(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    m = result["machine"]
+    lines = [f"Measured {result['date'][:10]} on {m.get('cpu_model', '?')}, {m.get('cores')} cores, "
+             f"{m.get('mem_gib')} GiB (commit {(result['git']['commit'] or '?')[:8]}; "
+             f"`{result['settings']['job_commands']}`):", "",
+             "| N | index job | dedup job | ours total | plain FAISS | ours / plain | recall ours / plain "
+             "| precision ours | driver peak | workers peak | plain peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["sizes"]:
+        o, p, a = r["ours"], r.get("plain") or {}, r.get("accuracy", {})
+
+        def job(name, o=o):
+            j = o[name]
+            return f"{j['wall_s']:.0f} s" if j["ok"] else ("skipped" if j.get("skipped") else
+                                                           f"**failed** after {j['wall_s']:.0f} s: {j['error'][:80]}")
+        lines.append(" | ".join([
+            f"| {r['rows']:,}", job("index"), job("dedup"), cell(o["total_s"], "{:.0f} s"),
+            cell(p.get("wall_s") if p.get("ok") else None, "{:.0f} s"),
+            cell(r.get("ratios", {}).get("total_over_plain_wall"), "{:.1f}×"),
+            f"{cell(a.get('ours', {}).get('recall'), '{:.3f}')} / {cell(a.get('plain', {}).get('recall'), '{:.3f}')}",
+            cell(a.get("ours", {}).get("precision"), "{:.3f}"), cell(o["peak_driver_mib"], "{:.0f} MiB"),
+            cell(o["peak_workers_mib"], "{:.0f} MiB"),
+            cell(p.get("peak_pss_mib", {}).get("total") if p.get("ok") else None, "{:.0f} MiB")]) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> None:
     """Time per stage and peak memory against N, ours against plain FAISS, log-log."""
     import matplotlib
@@ -632,7 +662,12 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-outputs", action="store_true", help="keep the jobs' index/pairs/groups")
     parser.add_argument("--docs-plot", type=Path, default=ROOT / "docs" / "scaling.png",
                         help="copy of the plot for the README (only written when two or more sizes ran)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="print the markdown table of an existing result JSON and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return 0
     args.job_sets = DEFAULT_JOB_SETS if args.job_sets is None else args.job_sets
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     os.environ.setdefault("KERAS_HOME", str(ROOT / ".keras"))
