@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 SHARED ?= $(CURDIR)/../shared
 
-.PHONY: setup java demo test bench lint lock seed-weights clean
+.PHONY: setup java demo test bench bench-scale lint lock seed-weights clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test: java seed-weights
 
 bench: java seed-weights
 	$(WITH_JAVA) $(PY) bench/bench_embed.py --data "$(SHARED)/data/ukbench-dev" --out bench/results
+
+# Archive scale: the real index + dedup jobs on synthetic tables fitted to real embeddings,
+# against plain FAISS (docs/scaling.md). SIZES=20000 for a quick smoke; 1M needs ~15 GB of disk.
+SIZES ?= 100000,300000,1000000
+bench-scale: java seed-weights
+	$(WITH_JAVA) $(PY) bench/bench_scale.py --sizes $(SIZES) --data "$(SHARED)/data" --out bench/results
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench
