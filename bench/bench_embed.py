@@ -48,7 +48,7 @@ def plain_keras_loop(files: list[Path], backbone: str, batch_size: int) -> float
     """The reference: decode, resize, ``predict_on_batch``, one process. Returns images/s."""
     from PIL import Image
 
-    from pipeline import backbones
+    from pipeline.encoders import backbones
 
     spec = backbones.REGISTRY[backbone]
     model = _plain_model(backbone)
@@ -68,7 +68,7 @@ def _plain_model(backbone: str):
     if backbone not in _PLAIN:
         import keras
 
-        from pipeline import backbones
+        from pipeline.encoders import backbones
 
         spec = backbones.REGISTRY[backbone]
         _PLAIN[backbone] = getattr(keras.applications, spec.constructor)(
@@ -100,10 +100,10 @@ def main(argv=None) -> int:
     startup["plain_tf_import_and_model_load_s"] = time.perf_counter() - t
     plain_keras_loop(files[: args.batch_size], args.backbone, args.batch_size)  # warm-up: graph tracing
 
-    from pipeline import embed as em
-    from pipeline import ingest as ing
+    from pipeline.stages import embed as em
+    from pipeline.stages import ingest as ing
     from pipeline.config import Config
-    from pipeline.session import spark_session
+    from pipeline.stages.session import spark_session
 
     work = tempfile.mkdtemp(prefix="neardup-bench-")
     # Same processing as the plain loop (224 squashed, no border trim): the ratio measures the

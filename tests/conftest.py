@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("NEARDUP_SHARED", ROOT.parent / "shared"))
-SHARED_WEIGHTS = SHARED / "weights" / "keras-cache" / "models"
+from tests.helpers import ROOT, SHARED_WEIGHTS
 
 
 def _seed_keras_cache() -> None:
@@ -35,18 +33,11 @@ os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def shared_path(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not available (tests that need ../shared skip without it)")
-    return path
-
-
 @pytest.fixture(scope="session")
 def spark():
     from pyspark.sql import SparkSession
 
-    from pipeline.session import BASE_CONF
+    from pipeline.stages.session import BASE_CONF
 
     # local[2,4]: up to 4 attempts per task, as on a cluster; plain local[2] gives each task a
     # single attempt, and the fault tests check that Spark's retry recovers a killed worker.
@@ -70,10 +61,3 @@ def demo_corpus(tmp_path_factory):
     truth = make_demo_corpus(root)
     return root, truth
 
-
-def make_config(workdir: Path, **overrides):
-    """A test config: defaults plus ``section__key=value`` overrides."""
-    from pipeline.config import Config
-
-    base = Config.load(None, [f"workdir={workdir}"])
-    return base.with_overrides(**overrides) if overrides else base

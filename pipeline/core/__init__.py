@@ -1,0 +1,1 @@
+"""Pure numpy / PIL / FAISS building blocks: no Spark."""

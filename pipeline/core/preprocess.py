@@ -1,0 +1,110 @@
+"""Image preparation for a network, in PIL/numpy: decode, trim plain borders, rotate, resize."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.core import imageio
+
+
+def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
+                min_keep: float = 0.25) -> tuple[int, int, int, int]:
+    """The box ``(top, left, bottom, right)`` left after trimming plain-colour borders.
+
+    A border row (column) is one where at least ``min_uniform`` of the pixels are within
+    ``tol`` (max over channels) of the median corner colour; leading and trailing border
+    rows/columns are cut. A side that would keep less than ``min_keep`` of the image is
+    left untrimmed (a plain-colour photo is not all border).
+
+    Parameters
+    ----------
+    image : array-like or PIL image
+        ``(H, W)`` or ``(H, W, C)`` pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``top, left, bottom, right`` (bottom/right exclusive).
+    """
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    h, w = a.shape[:2]
+    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]])
+    ref = np.median(corners, axis=0)
+    close = np.abs(a - ref).max(axis=-1) <= tol
+    rows = close.mean(axis=1) >= min_uniform
+    cols = close.mean(axis=0) >= min_uniform
+
+    def span(uniform: np.ndarray, n: int) -> tuple[int, int]:
+        lo = 0
+        while lo < n and uniform[lo]:
+            lo += 1
+        hi = n
+        while hi > lo and uniform[hi - 1]:
+            hi -= 1
+        if hi - lo < max(1, int(math.ceil(min_keep * n))):
+            return 0, n
+        return lo, hi
+
+    top, bottom = span(rows, h)
+    left, right = span(cols, w)
+    return top, left, bottom, right
+
+
+def decode_for_model(content: bytes, side: int, max_pixels: int, *, mode: str = "squash",
+                     trim: bool = False, rotation: int = 0, size_multiple: int = 16) -> np.ndarray:
+    """Bytes -> uint8 pixels for the network.
+
+    ``squash`` (the reference study's Keras loader): (side, side, 3). ``aspect``: the aspect
+    ratio kept, the longest side ``side``, each side rounded to a multiple of
+    ``size_multiple`` so that a collection yields a few distinct shapes to batch.
+    ``trim`` crops plain-colour borders first; ``rotation`` rotates counter-clockwise.
+    """
+    image = decode_image(content, side, max_pixels, trim, rotation)
+    return resized(image, side, mode, size_multiple)
+
+
+def decode_image(content: bytes, side: int, max_pixels: int, trim: bool, rotation: int):
+    """Bytes -> RGB PIL image in displayed orientation, plain borders trimmed, rotated counter-clockwise."""
+    from PIL import Image
+
+    image = imageio.decode_rgb(content, min_size=(side, side), max_pixels=max_pixels)
+    if trim:
+        image = trimmed(image)
+    if rotation:
+        image = image.transpose({90: Image.ROTATE_90, 180: Image.ROTATE_180, 270: Image.ROTATE_270}[rotation])
+    return image
+
+
+def trimmed(image):
+    """Crop plain-colour borders; the box is found on a <= 512 px copy and scaled back."""
+    w, h = image.size
+    thumb = image
+    if max(w, h) > 512:
+        thumb = image.copy()
+        thumb.thumbnail((512, 512))
+    top, left, bottom, right = content_box(thumb)
+    tw, th = thumb.size
+    if (top, left, bottom, right) == (0, 0, th, tw):
+        return image
+    fx, fy = w / tw, h / th
+    return image.crop((int(left * fx), int(top * fy), int(round(right * fx)), int(round(bottom * fy))))
+
+
+def resized(image, side: int, mode: str, size_multiple: int) -> np.ndarray:
+    """PIL image -> uint8 pixels: ``squash`` to side x side, ``aspect`` longest side ``side`` (sides rounded)."""
+    from PIL import Image
+
+    if mode == "aspect":
+        w, h = image.size
+        s = side / max(w, h)
+        m = max(1, size_multiple)
+        size = (max(m, int(round(w * s / m)) * m), max(m, int(round(h * s / m)) * m))
+    else:
+        size = (side, side)
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

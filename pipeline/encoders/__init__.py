@@ -1,0 +1,1 @@
+"""Encoders: image bytes -> vectors (CNN backbones, model files, classical methods)."""

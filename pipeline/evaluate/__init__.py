@@ -1,0 +1,1 @@
+"""The evaluate job: accuracy and speed on UKBench / Holidays."""

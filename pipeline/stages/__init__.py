@@ -1,0 +1,1 @@
+"""Spark stages: ingest, embed, index, search, re-rank, components, dedup."""

@@ -1,0 +1,161 @@
+"""Spark tables and how a table is committed (the workdir layout is :class:`pipeline.core.storage.Workdir`).
+
+Commit protocol: a table is written to a run-unique staging folder next to its final place
+and moved there by rename once Spark has finished writing it (Spark writes ``_SUCCESS``
+last). A reader only accepts a folder that has ``_SUCCESS``, so an interrupted job can never
+leave a half-written table that a later job mistakes for a complete one; rerunning a job
+replaces the table whole, so reruns never duplicate rows.
+
+Replacing a table is two renames (old one aside to ``<name>.old-*``, staging in). A crash
+between them leaves only the ``.old-*`` copy; the next write of that table renames it
+back (:func:`recover_table`), so the last committed table is never lost (until then, readers
+report the table as missing rather than guess). Leftover
+``<name>.staging-*`` folders are deleted by the next write of the same table. One writer per
+table at a time: two jobs writing the same table concurrently is not supported.
+
+A table may carry a small ``_neardup.json`` (what produced it: settings, model fingerprint)
+written into the staging folder before the rename, so it is committed atomically with the
+data; Spark's Parquet reader ignores names starting with ``_``.
+
+Paths may be local or any Hadoop filesystem URI: Spark tables go through Hadoop's
+FileSystem (the same one Spark uses); small files are in :mod:`pipeline.core.storage`.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+
+from pipeline.core.storage import METADATA_FILE, write_json
+
+log = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+# ------------------------------------------------------------ Spark tables
+def _hadoop_fs(spark: SparkSession, uri: str):
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(uri)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def path_exists(spark: SparkSession, uri: str) -> bool:
+    fs, hpath = _hadoop_fs(spark, uri)
+    return bool(fs.exists(hpath))
+
+
+def is_committed(spark: SparkSession, uri: str) -> bool:
+    return path_exists(spark, uri.rstrip("/") + "/" + SUCCESS_MARKER)
+
+
+def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = None,
+                partition_by: list[str] | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``df`` as Parquet to ``uri`` through a staging folder and commit by rename.
+
+    ``df`` may read the current table at ``uri`` (incremental jobs do): the old table is only
+    moved aside after the new one is completely written.
+    """
+    spark = df.sparkSession
+    recover_table(spark, uri)
+    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
+    writer = df.write.mode("errorifexists")
+    if max_records_per_file:
+        writer = writer.option("maxRecordsPerFile", int(max_records_per_file))
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    try:
+        writer.parquet(staging)
+        if metadata is not None:
+            write_json(f"{staging}/{METADATA_FILE}", metadata)
+    except BaseException:
+        remove(spark, staging)
+        raise
+    commit_folder(spark, staging, uri)
+
+
+def commit_folder(spark: SparkSession, staging: str, uri: str) -> None:
+    """Replace ``uri`` by ``staging``: old table aside, new one in, old one deleted."""
+    fs, final = _hadoop_fs(spark, uri)
+    jvm = spark.sparkContext._jvm
+    fs.mkdirs(final.getParent())
+    old = None
+    if fs.exists(final):
+        old = jvm.org.apache.hadoop.fs.Path(f"{uri}.old-{uuid.uuid4().hex[:12]}")
+        if not fs.rename(final, old):
+            raise IOError(f"could not move the previous table {uri} aside")
+    if not fs.rename(jvm.org.apache.hadoop.fs.Path(staging), final):
+        if old is not None:
+            fs.rename(old, final)
+        raise IOError(f"could not commit {staging} to {uri}")
+    if old is not None:
+        fs.delete(old, True)
+    log.info("committed %s", uri)
+
+
+def remove(spark: SparkSession, uri: str) -> None:
+    fs, hpath = _hadoop_fs(spark, uri)
+    if fs.exists(hpath):
+        fs.delete(hpath, True)
+
+
+def read_table(spark: SparkSession, uri: str, what: str) -> DataFrame:
+    """Read a committed table; a missing or half-written one is a clear error, not empty data."""
+    if not is_committed(spark, uri):
+        raise FileNotFoundError(
+            f"the {what} at {uri} does not exist or was not completely written; run the job that makes it first"
+        )
+    return spark.read.parquet(uri)
+
+
+def clean_stale_staging(spark: SparkSession, parent: str) -> None:
+    """Delete staging folders that an interrupted job left behind (they were never committed)."""
+    fs, hpath = _hadoop_fs(spark, parent)
+    if not fs.exists(hpath):
+        return
+    for status in fs.listStatus(hpath):
+        name = status.getPath().getName()
+        if ".staging-" in name or ".old-" in name:
+            fs.delete(status.getPath(), True)
+            log.info("removed stale %s", status.getPath().toString())
+
+
+def recover_table(spark: SparkSession, uri: str) -> None:
+    """Undo what an interrupted write of ``uri`` left behind.
+
+    Only this table's own ``<name>.staging-*`` / ``<name>.old-*`` siblings are touched, so a
+    concurrent job writing a different table in the same folder is not disturbed. Only
+    writers call this; readers never rename or delete, so a read cannot break a write in flight.
+    """
+    uri = uri.rstrip("/")
+    fs, final = _hadoop_fs(spark, uri)
+    parent = final.getParent()
+    if parent is None or not fs.exists(parent):
+        return
+    name = final.getName()
+    staging, old = [], []
+    for status in fs.listStatus(parent):
+        other = status.getPath().getName()
+        if other.startswith(name + ".staging-"):
+            staging.append(status.getPath())
+        elif other.startswith(name + ".old-"):
+            old.append(status.getPath())
+    jvm = spark.sparkContext._jvm
+    final_committed = is_committed(spark, uri)
+    for path in old:
+        committed = fs.exists(jvm.org.apache.hadoop.fs.Path(path, SUCCESS_MARKER))
+        if not final_committed and committed:
+            # The crash fell between "old aside" and "new in": the old table is the last good one.
+            if fs.exists(final):
+                fs.delete(final, True)
+            if fs.rename(path, final):
+                final_committed = True
+                log.warning("restored %s from %s after an interrupted commit", uri, path.getName())
+                continue
+        fs.delete(path, True)
+        log.info("removed stale %s", path.toString())
+    for path in staging:
+        fs.delete(path, True)
+        log.info("removed uncommitted %s", path.toString())

@@ -1,0 +1,1 @@
+"""The train job: embedding post-processing and classical vocabularies."""
