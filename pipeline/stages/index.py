@@ -113,7 +113,13 @@ def stream_sample(spark: SparkSession, rows: DataFrame, n: int, size: int, folde
     return flat.reshape(len(column), dim)
 
 
-def build_index(spark: SparkSession, config: Config) -> IndexInfo:
+def build_index(spark: SparkSession, config: Config, trained_from: IndexInfo | None = None) -> IndexInfo:
+    """Build the index of ``config``'s embedding table.
+
+    ``trained_from``: an index of nearly the same vectors (DBA's augmented table is built from
+    the base table) whose trained quantizer is reused when the plan is the same, instead of
+    sampling and training again.
+    """
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     settings = config.index
@@ -135,7 +141,13 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     staging = f"{final_dir}.staging-{uuid.uuid4().hex[:12]}"
 
     trained_path = None
-    if faiss_index.needs_training(description):
+    reuse = (trained_from is not None and trained_from.meta.get("trained")
+             and trained_from.meta.get("factory") == description)
+    if reuse:
+        trained_path = f"{staging}/{TRAINED}"
+        faiss_index.write_index(trained_path, faiss_index.read_index(f"{trained_from.path}/{TRAINED}"))
+        log.info("reusing the trained %s of %s", description, trained_from.path)
+    elif faiss_index.needs_training(description):
         sample = stream_sample(spark, rows, n, plan.train_size, f"{staging}/train_sample")
         tables.remove(spark, f"{staging}/train_sample")
         log.info("training %s on %d sampled vectors", description, len(sample))
