@@ -52,7 +52,7 @@ def _pairs(spark, config):
     ("ivf_pq", {}, "Refine(SQfp16)"),
     ("hnsw", {}, "HNSW"),
     # auto above its exact-search limit: IVF with fp16 codes, shards from a small memory budget.
-    ("auto", {"index__auto_flat_max": 1000, "index__max_memory": "20m", "index__query_block": 1024}, "SQfp16"),
+    ("auto", {"index__auto_flat_max": 1000, "index__max_memory": "16m", "index__query_block": 1024}, "SQfp16"),
 ])
 def test_pairs_match_exact_search_with_true_cosines(spark, table, index_type, overrides, factory):
     config, truth = table
