@@ -221,9 +221,10 @@ def index(workdir: str | None = None, *, backbone: str | None = None, type: str 
     workdir, backbone
         The embedding table to index.
     type : str
-        ``index.type``: flat, ivf_flat, ivf_pq or hnsw.
+        ``index.type``: auto (default: exact while small, IVF sized from N and
+        ``index.max_memory`` above), flat, ivf_flat, ivf_sq, ivf_pq or hnsw.
     shards : int
-        ``index.shards``.
+        ``index.shards`` (0: derived from ``index.max_memory``).
     config, conf, spark, **settings
         As for :func:`ingest`.
 

@@ -17,7 +17,7 @@ import yaml
 
 DEFAULT_CONF_PATH = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
-INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_sq", "ivf_pq", "hnsw")
 WEIGHTS_SPECIAL = ("imagenet", "none")
 
 
@@ -84,15 +84,24 @@ class EmbedSettings:
 
 @dataclass
 class IndexSettings:
-    type: str = "flat"
-    shards: int = 2
-    nlist: int = 0  # 0: derived from the number of vectors (about 4*sqrt(n))
+    # auto: exact (Flat) up to auto_flat_max vectors, above that IVF with fp16 codes sized from
+    # the number of vectors and max_memory (the choice and its reason go into index.json).
+    type: str = "auto"
+    shards: int = 0  # 0: derived from max_memory (each shard fits one task); >0: forced
+    # Memory one task may use for the shard it searches (FAISS-style size: 512m, 4g ...).
+    max_memory: str = "4g"
+    auto_flat_max: int = 50_000  # auto: exact search up to this many vectors (measured crossover)
+    nlist: int = 0  # 0: derived from the number of vectors (autofaiss: power of 2 near 4*sqrt(n))
+    sq_type: str = "fp16"  # ivf_sq / auto codes: fp16 (cosine within ~1e-4) | 8bit
     pq_m: int = 16
     pq_bits: int = 8
     hnsw_m: int = 32
     nprobe: int = 16
     ef_search: int = 128
+    # Training vectors for IVF / PQ: at most this many (0: 64 per list); streamed through Parquet.
     train_sample: int = 100_000
+    # Queries per search block inside one task (bounds the task's memory with the shard size).
+    query_block: int = 16384
     use_gpu: str = "auto"  # auto | never | always
 
 
@@ -233,8 +242,19 @@ class Config:
             raise ConfigError(f"dedup.k must be >= 1, got {self.dedup.k!r}")
         if self.index.type not in INDEX_TYPES:
             raise ConfigError(f"index.type must be one of {', '.join(INDEX_TYPES)}, got {self.index.type!r}")
-        if self.index.shards < 1:
-            raise ConfigError(f"index.shards must be >= 1, got {self.index.shards!r}")
+        if self.index.shards < 0:
+            raise ConfigError(f"index.shards must be >= 0 (0: derived from index.max_memory), got {self.index.shards!r}")
+        try:
+            budget = parse_memory(self.index.max_memory)
+        except ValueError as exc:
+            raise ConfigError(f"index.max_memory: {exc}") from exc
+        if budget < 16 * 1024 * 1024:
+            raise ConfigError(f"index.max_memory must be at least 16m, got {self.index.max_memory!r}")
+        if self.index.sq_type not in ("fp16", "8bit"):
+            raise ConfigError(f"index.sq_type must be fp16 or 8bit, got {self.index.sq_type!r}")
+        if self.index.nprobe < 1 or self.index.query_block < 1 or self.index.train_sample < 0:
+            raise ConfigError("index.nprobe and index.query_block must be >= 1, index.train_sample >= 0; got "
+                              f"{self.index.nprobe!r}, {self.index.query_block!r}, {self.index.train_sample!r}")
         if self.index.use_gpu not in ("auto", "never", "always"):
             raise ConfigError(f"index.use_gpu must be auto, never or always, got {self.index.use_gpu!r}")
         if self.embed.batch_size < 1:
@@ -315,6 +335,21 @@ def validate_descriptor_options(config: "Config") -> None:
         raise ConfigError("train.head_dim must be >= 0, train.head_epochs and train.head_augmentations >= 1, "
                           f"train.head_temperature > 0; got {t.head_dim!r}, {t.head_epochs!r}, "
                           f"{t.head_augmentations!r}, {t.head_temperature!r}")
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """'4g', '512m', '1.5G', 1000000 -> bytes (the units Spark and autofaiss accept)."""
+    if isinstance(text, int):
+        return text
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([bkmgt]?)i?b?\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r} (examples: 512m, 4g)")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2)])
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -36,7 +36,8 @@ def groups_with_keep(components: DataFrame, images: DataFrame) -> DataFrame:
     info = images.select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES)
     pixels = F.coalesce(F.col(S.WIDTH), F.lit(0)).cast("long") * F.coalesce(F.col(S.HEIGHT), F.lit(0)).cast("long")
     by_group = Window.partitionBy(S.GROUP_ID)
-    ranked = Window.partitionBy(S.GROUP_ID).orderBy(pixels.desc(), F.col(S.SIZE_BYTES).desc(), F.col(S.PATH).asc())
+    ranked = Window.partitionBy(S.GROUP_ID).orderBy(pixels.desc(), F.col(S.SIZE_BYTES).desc(), F.col(S.PATH).asc(),
+                                                    F.col(S.IMAGE_ID).asc())
     return (
         components.join(info, S.IMAGE_ID)
         .withColumn(S.GROUP_SIZE, F.count(F.lit(1)).over(by_group))
@@ -55,12 +56,18 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     pairs = pairs_from_neighbors(neighbors, threshold)
     tables.write_table(pairs, workdir.pairs(method))
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
-    images = tables.read_table(spark, workdir.images, "image table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
     scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
     try:
-        groups = groups_with_keep(connected_components(pairs, checkpoint_dir=scratch), images)
-        tables.write_table(groups, workdir.groups(method))
+        components = connected_components(pairs, checkpoint_dir=scratch)
+        if tables.is_committed(spark, workdir.images):
+            images = tables.read_table(spark, workdir.images, "image table")
+        else:
+            # An embedding table computed elsewhere: no sizes to choose by, keep the smallest id.
+            log.warning("no image table at %s: each group keeps its smallest image id", workdir.images)
+            images = components.select(S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
+                                       *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])
+        tables.write_table(groups_with_keep(components, images), workdir.groups(method))
     finally:
         tables.remove(spark, scratch)
     groups = tables.read_table(spark, workdir.groups(method), "groups table")

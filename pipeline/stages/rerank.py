@@ -135,7 +135,7 @@ def ensure_dba(spark: SparkSession, config: Config, search: Callable[..., DataFr
     table = (embeddings.join(augmented, S.IMAGE_ID)
              .withColumn(S.EMBEDDING, F.col("augmented")).select(*S.EMBEDDING_TABLE.fieldNames()))
     tables.write_table(table, storage.Workdir.of(sub.workdir).embeddings(method), metadata=meta)
-    ix.build_index(spark, sub)
+    ix.build_index(spark, sub, trained_from=base)  # same lists: DBA moves vectors only slightly
     storage.write_json(marker, meta)
     log.info("database-side augmentation (k=%d, alpha=%.1f) in %.1fs", d.dba_k, d.dba_alpha,
              time.perf_counter() - started)

@@ -1,8 +1,7 @@
 """Stage 4a: kNN search of query embeddings against the sharded index.
 
-The search runs in Spark: each task loads the index shards from the workdir (once per
-Python worker), searches its partition's vectors against every shard and merges the
-per-shard top-k. Only (query, neighbour, similarity) rows leave the executors; no step
+The search runs in Spark: each task holds one block of queries and ONE index shard (loaded
+once per Python worker), and the per-shard top-k lists are merged in Spark. Only (query, neighbour, similarity) rows leave the executors; no step
 gathers the embeddings on the driver.
 """
 from __future__ import annotations
@@ -23,9 +22,6 @@ from pipeline.stages import index as ix
 from pipeline.stages import rerank, tables
 
 log = logging.getLogger(__name__)
-
-SEARCH_CHUNK = 1024
-
 
 def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataFrame | None = None) -> DataFrame:
     """Top-``k`` neighbours (self included) of every query embedding, as NEIGHBORS_TABLE rows.
@@ -54,6 +50,11 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
         result = _search(spark, index_cfg, k, expanded)
     # Rotated queries are merged last, so query expansion never discards a rotated match.
     rotations = [r for r in d.rotations if r != 0]
+    images = storage.Workdir.of(config.workdir).images
+    if rotations and not tables.is_committed(spark, images):
+        # A table of embeddings computed elsewhere: there are no images to rotate.
+        log.warning("dedup.rotations=%s skipped: no image table at %s to re-embed rotated", d.rotations, images)
+        rotations = []
     if rotations:
         for r in rotations:
             rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
@@ -65,37 +66,71 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
 
 
 def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> DataFrame:
+    """Top-``k`` neighbours of every query row over every index shard, as NEIGHBORS_TABLE rows.
+
+    Each task holds one query partition and ONE shard (``index.query_block`` queries searched
+    at a time), so its memory is bounded by the shard size (planned from ``index.max_memory``)
+    and the block, never by N. The per-shard top-k lists are merged in Spark.
+    """
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     info = ix.IndexInfo.load(workdir.index_dir(method))
     queries = queries.select(S.IMAGE_ID, S.EMBEDDING)
-    n = max(queries.rdd.getNumPartitions(), spark.sparkContext.defaultParallelism)
-    queries = queries.repartition(n)
-
-    shard_paths = info.shard_paths()
-    build_id = info.meta.get("build_id", info.meta["created_at"])
     settings = config.index
+    wanted = max(spark.sparkContext.defaultParallelism, -(-info.meta["count"] // settings.query_block))
+    if queries.rdd.getNumPartitions() < wanted:
+        queries = queries.repartition(wanted)
+
+    build_id = info.meta.get("build_id", info.meta["created_at"])
     k = min(k, info.meta["count"])
-
-    def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        shards = faiss_index.load_shards(info.path, build_id, shard_paths, settings)
-        for batch in batches:
-            for start in range(0, len(batch), SEARCH_CHUNK):
-                part = batch.iloc[start:start + SEARCH_CHUNK]
-                vectors = np.stack(part[S.EMBEDDING].to_numpy()).astype(np.float32)
-                sims, ids = faiss_index.search_shards(shards, vectors, k)
-                kk = ids.shape[1]
-                valid = ids.reshape(-1) >= 0
-                yield pd.DataFrame({
-                    S.QUERY_ID: np.repeat(part[S.IMAGE_ID].to_numpy(), kk)[valid],
-                    S.FAISS_ID: ids.reshape(-1)[valid],
-                    S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(part))[valid],
-                    S.SIMILARITY: np.clip(sims.reshape(-1), -1.0, 1.0).astype(np.float32)[valid],
-                })
-
-    raw = queries.mapInPandas(search, schema="query_id string, faiss_id long, rank int, similarity float")
+    shards = [s["shard"] for s in info.meta["shards"]]
+    schema = "query_id string, faiss_id long, rank int, similarity float"
+    # Shard-major union: tasks of one shard run together, so each worker loads a shard once.
+    parts = [queries.mapInPandas(_shard_searcher(info.path, build_id, shard, settings, k), schema=schema)
+             for shard in shards]
+    raw = parts[0]
+    for part in parts[1:]:
+        raw = raw.unionByName(part)
+    if len(parts) > 1:
+        order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.FAISS_ID))
+        raw = (raw.withColumn(S.RANK, (F.row_number().over(order) - 1).cast("int"))
+               .where(F.col(S.RANK) < k))
     idmap = spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))
     return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
+
+
+def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int):
+    block = settings.query_block
+
+    def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ix.set_task_threads()
+        index = faiss_index.load_shard(ix.shard_file(index_path, shard), build_id, settings)
+        pending: list[pd.DataFrame] = []
+        size = 0
+        for batch in batches:
+            pending.append(batch)
+            size += len(batch)
+            if size >= block:
+                yield _search_block(index, pd.concat(pending, ignore_index=True), k)
+                pending, size = [], 0
+        if size:
+            yield _search_block(index, pd.concat(pending, ignore_index=True), k)
+
+    return search
+
+
+def _search_block(index, part: pd.DataFrame, k: int) -> pd.DataFrame:
+    vectors = np.stack(part[S.EMBEDDING].to_numpy()).astype(np.float32)
+    sims, ids = faiss_index.search_shard(index, vectors, k)
+    sims, ids = faiss_index.merge_topk([sims], [ids], k)  # sorted, -1 padding last
+    kk = ids.shape[1]
+    valid = ids.reshape(-1) >= 0
+    return pd.DataFrame({
+        S.QUERY_ID: np.repeat(part[S.IMAGE_ID].to_numpy(), kk)[valid],
+        S.FAISS_ID: ids.reshape(-1)[valid],
+        S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(part))[valid],
+        S.SIMILARITY: np.clip(sims.reshape(-1), -1.0, 1.0).astype(np.float32)[valid],
+    })
 
 
 def _best_per_neighbor(neighbors: DataFrame, k: int) -> DataFrame:

@@ -49,7 +49,7 @@ def test_ukbench_ns_score(spark, tmp_path):
     child = client.get_run(result["mlflow_run_id"])
     assert child.info.status == "FINISHED"
     assert child.data.metrics["ns_score"] == pytest.approx(result["ns_score"])
-    assert child.data.params["backbone"] == "mobilenet" and child.data.params["index_type"] == "flat"
+    assert child.data.params["backbone"] == "mobilenet" and child.data.params["index_type"] == "auto"
     assert child.data.params["input"] == "aspect" and child.data.params["dba_k"] == "3"
     assert child.data.params["train_input"].endswith("holidays-dev")
     assert child.data.params["postprocess_version"] != "none"
