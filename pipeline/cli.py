@@ -49,6 +49,14 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--output": ("train.output", {}),
         "--method": ("embed.backbone", {}),
     },
+    "report": {"--backbone": ("embed.backbone", {}), "--out": ("report.out", {})},
+    "apply": {
+        "--backbone": ("embed.backbone", {}),
+        "--mode": ("apply.mode", {"choices": ["report", "move", "hardlink", "symlink"]}),
+        "--target": ("apply.target", {}),
+        "--execute": ("apply.execute", {"action": "store_true"}),
+        "--undo": ("apply.undo", {"metavar": "JOURNAL"}),
+    },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
         **BACKBONE,
@@ -63,6 +71,8 @@ HELP = {
     "dedup": "search all images against the index; write pairs and groups",
     "evaluate": "score backbones and classical methods on UKBench or Holidays",
     "train": "learn the embedding post-processing (PCA-whitening) on another collection via petastorm, or with --method a classical method's vocabulary / GMM",
+    "report": "write the static HTML review report (groups as thumbnails, failed files) and log it to MLflow",
+    "apply": "turn the keep decisions into file actions: dry run by default, journaled, undoable, never deletes",
     "run": "ingest, embed, index and dedup in one go",
 }
 
@@ -112,6 +122,7 @@ def job_function(job: str) -> Callable:
         "dedup": workflow.dedup_job,
         "evaluate": evaluate.evaluate,
         "run": workflow.run_job,
+        "report": workflow.report_job,
     }[job]
 
 
@@ -143,6 +154,10 @@ def run_job(job: str, config: Config) -> Any:
     if job == "train":
         config = _train_inputs_for_classical(config)
     config.validate()
+    if job == "apply":
+        from pipeline import apply
+
+        return apply.apply(config)  # files and Parquet only: no Spark session
     if job in ("ingest", "run"):
         workflow.validate_inputs(config)
     check_backbones_load(job, config)

@@ -18,7 +18,7 @@ from pipeline.stages import ingest as ing
 from pipeline import schemas as S
 from pipeline.core import storage
 from pipeline.stages import tables
-from pipeline.stages import tracking
+from pipeline.stages import progress, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.stages.timing import timed
 
@@ -51,7 +51,7 @@ def validate_inputs(config: Config) -> None:
 # ------------------------------------------------------------------ stages
 def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    with timed("ingest", metrics):
+    with timed("ingest", metrics), progress.spark_stage(spark, "ingest", config.progress):
         report = ing.ingest(spark, config)
     metrics.update({
         "files_total": report.total,
@@ -100,7 +100,8 @@ def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -
         metrics.update(train_metrics)
     with timed("model_load_driver", metrics):
         metrics["embedding_dim"] = em.check_model_loads(config)
-    with timed("embed", metrics):
+    items = _ok_images(spark, config) if progress.enabled(config.progress) else None
+    with timed("embed", metrics), progress.spark_stage(spark, "embed", config.progress, items):
         counts = em.embed(spark, config, incremental)
     embedded = counts["embedded"]
     metrics.update({"images_embedded": embedded, "embeddings_ok": counts.get(S.STATUS_OK, 0),
@@ -114,9 +115,14 @@ def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -
     return metrics
 
 
+def _ok_images(spark: SparkSession, config: Config) -> int:
+    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
+    return images.where(F.col(S.STATUS) == S.STATUS_OK).count()
+
+
 def index_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    with timed("index", metrics):
+    with timed("index", metrics), progress.spark_stage(spark, "index", config.progress):
         info = ix.build_index(spark, config)
     metrics.update({"index_vectors": info.meta["count"], "index_shards": len(info.meta["shards"])})
     tracking.log_metrics(metrics)
@@ -126,7 +132,7 @@ def index_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def dedup_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    with timed("dedup", metrics):
+    with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
         counts = dd.dedup(spark, config)
     metrics.update(counts)
     tracking.log_metrics(metrics)
@@ -167,6 +173,17 @@ def run_job(spark: SparkSession, config: Config) -> dict[str, Any]:
         print_groups(spark, config)
         metrics["mlflow_run_id"] = run.info.run_id
         return metrics
+
+
+def report_job(spark: SparkSession, config: Config, out: str | None = None):
+    """Write the HTML report of the workdir's groups; prints and returns its file:// URL."""
+    from pipeline.report.build import build_report
+
+    result = build_report(spark, config, out, progress=progress.Bar(config.progress))
+    print(f"report: {result.groups} groups, {result.images_to_remove} images proposed for removal, "
+          f"{result.pages} pages")
+    print(f"open {result.url}")
+    return result
 
 
 def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:

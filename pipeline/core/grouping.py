@@ -87,7 +87,7 @@ def components_with_cannot_link(edges: Iterable[tuple[str, str, float]],
         parent[child] = root
         members[root] |= members.pop(child)
     out: dict[str, str] = {}
-    for root, group in members.items():
+    for group in members.values():
         if len(group) > 1:
             label = min(group)
             out.update({n: label for n in group})
