@@ -31,6 +31,7 @@ demo: setup seed-weights
 	$(VENV)/bin/neardup demo --workdir demo-work
 
 test: setup seed-weights
+	@command -v chromium >/dev/null 2>&1 || echo "NOTE: the report's browser test is skipped without Chromium; install it with: sudo apt-get update && sudo apt-get install -y chromium"
 	$(VENV)/bin/pytest -q tests
 
 bench: setup seed-weights

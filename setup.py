@@ -28,13 +28,16 @@ setup(
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "keras", "petastorm", "mlflow", "pillow",
         "PyYAML", "scikit-image", "ImageHash", "opencv-python-headless", "scikit-learn", "Jinja2",
+        "matplotlib", "rich",
     ),
     extras_require={
         # TensorFlow and FAISS come in a CPU and a GPU build that provide the same modules:
         # install exactly one of these two extras.
         "cpu": pinned("tensorflow-cpu", "faiss-cpu"),
         "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
-        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib"),
+        # playwright drives the system Chromium in tests/e2e/test_report_browser.py (never `playwright install`).
+        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "playwright"),
     },
+    package_data={"pipeline.report": ["templates/*.html", "templates/*.css"]},
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
 )

@@ -179,4 +179,6 @@ def run_demo(workdir: str, master: str | None = None) -> dict:
         print(f"missed pairs ({len(missed)}), e.g.: " + ", ".join(f"{a} ~ {b}" for a, b in missed[:5]))
     print(f"outputs: {workdir_path}/ (images, embeddings, index, pairs, groups)")
     print(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri()}   (run {metrics['mlflow_run_id']})")
-    return {"precision": precision, "recall": recall, **metrics}
+    report = run_job("report", config)
+    print(f"report (opens in any browser, no server): {report.url}")
+    return {"precision": precision, "recall": recall, "report": report.url, **metrics}
