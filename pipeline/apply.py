@@ -30,6 +30,7 @@ class ApplyResult:
     done: int = 0
     done_bytes: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    report: str = ""  # the lines the CLI prints
 
 
 def os_path(stored: str, image_id: str) -> str | None:
@@ -95,21 +96,23 @@ def plan(config: Config) -> tuple[list[actions.Action], str, int]:
 
 
 def apply(config: Config) -> ApplyResult:
-    """Plan (always) and, with ``apply.execute``, act; ``apply.undo`` rolls a journal back instead."""
+    """Plan (always) and, with ``apply.execute``, act; ``apply.undo`` rolls a journal back instead.
+
+    Nothing is printed: ``result.report`` holds the text for people (the CLI prints it).
+    """
     a = config.apply
     if a.undo:
         outcome = actions.undo(a.undo)
-        print(f"restored {outcome.done} files from {a.undo}")
-        _print_refused(outcome)
+        lines = [f"restored {outcome.done} files from {a.undo}", *_refused_lines(outcome)]
         return ApplyResult(mode="undo", executed=True, planned=outcome.done, planned_bytes=0, journal=a.undo,
-                           done=outcome.done, refused=outcome.refused)
+                           done=outcome.done, refused=outcome.refused, report="\n".join(lines))
     if a.execute and a.mode == "report":
         raise ConfigError("apply.mode report only writes the plan; choose move, hardlink or symlink to --execute")
     if a.execute and not a.target:
         raise ConfigError(f"apply --mode {a.mode} --execute needs --target DIR (the quarantine folder; "
                           "hardlink and symlink keep each replaced file's original there)")
     todo, root, unresolved = plan(config)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     folder = os.path.abspath(a.target) if a.target else os.path.join(
         storage.local_path_of(storage.Workdir.of(config.workdir).root), "apply")
     plan_csv = os.path.join(folder, f"plan-{stamp}.csv")
@@ -117,14 +120,15 @@ def apply(config: Config) -> ApplyResult:
     planned_bytes = sum(x.size_bytes for x in todo)
     result = ApplyResult(mode=a.mode, executed=bool(a.execute), planned=len(todo), planned_bytes=planned_bytes,
                          plan_csv=plan_csv, refused={"path not recoverable": unresolved} if unresolved else {})
-    for x in todo[:20]:
-        print(f"  {a.mode:8} {x.path!r}  (kept: {x.kept_path!r}, similarity "
-              f"{'?' if x.similarity is None else f'{x.similarity:.3f}'})")
+    # repr(): names from the archive are shown as data, control characters escaped.
+    lines = [f"  {a.mode:8} {x.path!r}  (kept: {x.kept_path!r}, similarity "
+             f"{'?' if x.similarity is None else f'{x.similarity:.3f}'})" for x in todo[:20]]
     if len(todo) > 20:
-        print(f"  ... and {len(todo) - 20} more")
-    print(f"plan: {len(todo)} files, {planned_bytes} bytes -> {plan_csv}")
+        lines.append(f"  ... and {len(todo) - 20} more")
+    lines.append(f"plan: {len(todo)} files, {planned_bytes} bytes -> {plan_csv}")
     if not a.execute:
-        print("dry run: nothing changed (add --execute to act)")
+        lines.append("dry run: nothing changed (add --execute to act)")
+        result.report = "\n".join(lines)
         return result
     if _inside(os.path.abspath(a.target), root):
         log.warning("the quarantine folder %s is inside the archive %s: a later ingest will list it", a.target, root)
@@ -136,9 +140,9 @@ def apply(config: Config) -> ApplyResult:
         journal.close()
     result.done, result.done_bytes = outcome.done, outcome.bytes
     result.refused.update(outcome.refused)
-    print(f"{a.mode}: {outcome.done} files ({outcome.bytes} bytes); journal {result.journal} "
-          f"(undo: neardup apply --undo {result.journal})")
-    _print_refused(outcome)
+    lines.append(f"{a.mode}: {outcome.done} files ({outcome.bytes} bytes); journal {result.journal} "
+                 f"(undo: neardup apply --undo {result.journal})")
+    result.report = "\n".join(lines + _refused_lines(outcome))
     return result
 
 
@@ -146,8 +150,6 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _print_refused(outcome: actions.Outcome) -> None:
-    for reason, n in sorted(outcome.refused.items()):
-        print(f"  refused {n}: {reason}")
-    for path, reason in outcome.refused_paths[:10]:
-        print(f"    {path!r}: {reason}")
+def _refused_lines(outcome: actions.Outcome) -> list[str]:
+    lines = [f"  refused {n}: {reason}" for reason, n in sorted(outcome.refused.items())]
+    return lines + [f"    {path!r}: {reason}" for path, reason in outcome.refused_paths[:10]]

@@ -12,7 +12,9 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
+from pipeline import api, demo
 from pipeline.config import Config, ConfigError
+from pipeline.encoders.backbones import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -110,86 +112,16 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
     return Config.load(args.conf, overrides)
 
 
-def job_function(job: str) -> Callable:
-    from pipeline import workflow
-    from pipeline.evaluate import study as evaluate
-
-    return {
-        "train": train_dispatch,
-        "ingest": workflow.ingest_job,
-        "embed": workflow.embed_job,
-        "index": workflow.index_job,
-        "dedup": workflow.dedup_job,
-        "evaluate": evaluate.evaluate,
-        "run": workflow.run_job,
-        "report": workflow.report_job,
-    }[job]
-
-
-def train_dispatch(spark, config: Config) -> Any:
-    """``train``: a classical method's vocabulary (``--method vlad-ssr``), else the CNN post-processing."""
-    from pipeline.core import classical
-    from pipeline.train import cnn as train
-    from pipeline.train import classical as train_classical
-
-    if classical.is_classical(config.embed.backbone):
-        return train_classical.train_job(spark, config)
-    return train.train(spark, config)
-
-
-def _train_inputs_for_classical(config: Config) -> Config:
-    """``train --method M --input DIR``: the folders are the classical method's training set."""
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone) and config.train.input and not config.classical.train_input:
-        return config.with_overrides(classical__train_input=config.train.input)
-    return config
-
-
-def run_job(job: str, config: Config) -> Any:
-    """Validate, start (or reuse) Spark, run one job."""
-    from pipeline import workflow
-    from pipeline.stages.session import spark_session
-
-    if job == "train":
-        config = _train_inputs_for_classical(config)
-    config.validate()
-    if job == "apply":
-        from pipeline import apply
-
-        return apply.apply(config)  # files and Parquet only: no Spark session
-    if job in ("ingest", "run"):
-        workflow.validate_inputs(config)
-    check_backbones_load(job, config)
-    with spark_session(config) as spark:
-        return job_function(job)(spark, config)
-
-
-def check_backbones_load(job: str, config: Config) -> None:
-    """Load each backbone once on the driver before Spark starts: missing weights fail in seconds."""
-    from pipeline.stages import embed
-
-    from pipeline.evaluate.study import expand_backbones
-
-    if job in ("embed", "run", "train"):
-        embed.check_model_loads(config.with_overrides(embed__postprocess=None) if job == "train" else config)
-    elif job == "evaluate":
-        from pipeline.core import classical
-
-        names = expand_backbones(classical.expand_methods(config.evaluate.backbones))
-        for backbone in names:
-            cfg = config.with_overrides(embed__backbone=backbone)
-            cfg.validate()
-            if len(names) > 1 and "all" in config.evaluate.backbones:
-                continue  # --backbones all: a backbone without weights is timed, not refused
-            embed.check_model_loads(cfg.with_overrides(embed__postprocess=None))
+def run_config(job: str, config: Config) -> Any:
+    """Run ``job`` through :mod:`pipeline.api` with a ready config; returns the API's result."""
+    return getattr(api, job)(config=config)
 
 
 def job_main(job: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jobs/<job>.py`` (also under spark-submit)."""
     parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=HELP[job])
     add_job_arguments(parser, job)
-    return _guarded(lambda: run_job(job, config_from_args(job, parser.parse_args(argv))))
+    return _guarded(lambda: run_config(job, config_from_args(job, parser.parse_args(argv))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,27 +129,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(list(JOB_OPTIONS))
     args = parser.parse_args(argv)
     if args.job == "demo":
-        from pipeline import demo
-
         return _guarded(lambda: demo.run_demo(args.workdir, args.master))
-    return _guarded(lambda: run_job(args.job, config_from_args(args.job, args)))
+    return _guarded(lambda: run_config(args.job, config_from_args(args.job, args)))
 
 
 def _guarded(action: Callable[[], Any]) -> int:
-    from pipeline.encoders.backbones import WeightsUnavailableError
-    from pipeline.workflow import TooManyErrors
-
+    """Run ``action``, print its report; exit codes: 0 done, 2 bad settings or input, 3 too many bad files."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        action()
+        result = action()
     except (ConfigError, WeightsUnavailableError, FileNotFoundError) as exc:
         print(f"neardup: error: {exc}", file=sys.stderr)
         return 2
-    except TooManyErrors as exc:
+    except api.TooManyErrors as exc:
+        if exc.report:
+            print(exc.report)
         print(f"neardup: too many bad input files: {exc}", file=sys.stderr)
         return 3
+    report = getattr(result, "report", "")
+    if report:
+        print(report)
     return 0
 
 

@@ -75,7 +75,7 @@ class EmbedSettings:
     # Rows per Arrow batch handed to the UDF; a multiple of batch_size avoids ragged model calls.
     arrow_batch_rows: int = 256
     # A test hook for fault-tolerance tests: the first attempt of the task whose partition
-    # holds this image id kills its Python worker once (see pipeline.embed).
+    # holds this image id kills its Python worker once (see pipeline.stages.embed).
     fail_once_on_image: str | None = None
     # TensorFlow CPU threads per Python worker (0: TensorFlow's default, one per core). Spark runs
     # a task per core already, so one thread each avoids oversubscription (measured: make bench).
@@ -173,7 +173,7 @@ class EvaluateSettings:
 
 @dataclass
 class ClassicalSettings:
-    """Classical methods (pipeline.classical): where their trained vocabularies come from."""
+    """Classical methods (pipeline.core.classical): where their trained vocabularies come from."""
 
     # method -> trained artifact (.npz, local path or URI); wins over training.
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -245,9 +245,12 @@ class Config:
 
     # --------------------------------------------------------------- validate
     def validate(self) -> "Config":
-        """Raise :class:`ConfigError` naming the first bad value; return self when all is well."""
-        from pipeline.encoders import backbones
+        """Raise :class:`ConfigError` naming the first bad value; return self when all is well.
 
+        Only the settings themselves are checked here; what depends on the encoder (backbone
+        name, weights and model files, classical options) is checked by
+        :func:`pipeline.api.preflight`, which calls this first.
+        """
         if not self.workdir:
             raise ConfigError("workdir must be set")
         if not 0.0 <= self.max_error_fraction <= 1.0:
@@ -269,18 +272,8 @@ class Config:
         if self.ingest.max_shard_bytes < 1024:
             raise ConfigError(f"ingest.max_shard_bytes must be >= 1024, got {self.ingest.max_shard_bytes!r}")
         validate_descriptor_options(self)
-        backbones.validate_spec(self.embed.backbone, self.embed.weights, self.embed.preprocess)
-        # Executors resolve relative paths against their own working folder: make the files
-        # the driver just checked absolute, so every executor opens the same ones.
-        if backbones.is_model_file(self.embed.backbone) and "://" not in self.embed.backbone:
-            self.embed.backbone = os.path.abspath(self.embed.backbone)
-        if self.embed.weights not in ("imagenet", "none") and "://" not in self.embed.weights:
-            self.embed.weights = os.path.abspath(self.embed.weights)
         if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
             raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
-        from pipeline.stages import classical as classical_stage
-
-        classical_stage.validate(self)
         validate_review_options(self)
         if self.evaluate.dataset not in ("ukbench", "holidays"):
             raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
@@ -290,8 +283,6 @@ class Config:
     def tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        from pipeline.core.storage import local_path_of
-
         local = local_path_of(self.workdir)
         if local is None:
             raise ConfigError(
@@ -299,6 +290,17 @@ class Config:
                 f"(workdir={self.workdir!r}); use a tracking server or a sqlite file on local disk"
             )
         return "sqlite:///" + str(Path(local).resolve() / "mlflow.db")
+
+
+def local_path_of(uri: str) -> str | None:
+    """The local filesystem path of ``uri`` (plain path, file:// or Hadoop's file:/), else None."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith("file:"):
+        return uri[len("file:"):]
+    if "://" in uri:
+        return None
+    return uri
 
 
 INPUT_MODES = ("squash", "aspect")

@@ -75,7 +75,7 @@ def demo_run(spark, demo_corpus, tmp_path_factory):
     report tests see markup in a path. The archive is a copy so `apply` tests may act on it
     (they undo what they do). Returns (archive, config, metrics).
     """
-    from pipeline import workflow
+    from pipeline import api
     from tests.helpers import make_config
 
     corpus, _ = demo_corpus
@@ -85,6 +85,5 @@ def demo_run(spark, demo_corpus, tmp_path_factory):
     shutil.copyfile(archive / "astronaut" / "astronaut.jpg", archive / "astronaut" / HOSTILE_NAME)
     config = make_config(base / "work", ingest__input=[str(archive)], report__groups_per_page=3,
                          progress="never")
-    config.validate()
-    metrics = workflow.run_job(spark, config)
-    return archive, config, metrics
+    result = api.run(config=config, spark=spark)
+    return archive, result.config, result.metrics

@@ -2,7 +2,7 @@
 
 ``make_hostile_corpus(root)`` writes 39 files under ``root`` and returns one
 :class:`HostileCase` per file with the status and reason that
-``pipeline.imageio.probe`` must report. Pixel sources are the photographs that
+``pipeline.core.imageio.probe`` must report. Pixel sources are the photographs that
 ship with scikit-image (astronaut, chelsea, coffee), so decoders see realistic
 content rather than flat colour. Generation takes ~2-3 s and < 10 MB on disk;
 the 48 MP JPEG (~2 MB, ~0.5 s) dominates both.

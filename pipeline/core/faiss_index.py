@@ -11,7 +11,7 @@ from pipeline.config import IndexSettings
 from pipeline.core import storage
 
 
-# Perceptual hashes (pipeline.classical): 0/1 floats in the table, packed bits in a FAISS
+# Perceptual hashes (pipeline.core.classical): 0/1 floats in the table, packed bits in a FAISS
 # binary index searched by Hamming distance, reported as the similarity 1 - d / bits.
 BINARY_FLAT = "BinaryIDMap,BinaryFlat"
 

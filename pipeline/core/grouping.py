@@ -1,7 +1,7 @@
 """Pure grouping logic: connected components, "not duplicates" decisions and the keep policy.
 
-The Spark versions in :mod:`pipeline.stages.dedup` compute the same things at scale; these
-small functions define the semantics, are unit-tested by hand, and are the oracle in the tests.
+The Spark versions in :mod:`pipeline.stages.components` and :mod:`pipeline.stages.dedup` compute the same things at scale; these small
+functions define the semantics, are unit-tested by hand, and are the oracle in the tests.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Part of this module's API; defined with the settings it interprets.
+from pipeline.config import local_path_of  # noqa: F401
+
 METADATA_FILE = "_neardup.json"
 
 
@@ -23,17 +26,6 @@ def absolute_uri(path: str) -> str:
     if "://" in path:
         return path.rstrip("/")
     return "file://" + str(Path(path).expanduser().resolve())
-
-
-def local_path_of(uri: str) -> str | None:
-    """The local filesystem path of ``uri`` (plain path, file:// or Hadoop's file:/), else None."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if uri.startswith("file:"):
-        return uri[len("file:"):]
-    if "://" in uri:
-        return None
-    return uri
 
 
 def tag_of(method: str) -> str:
@@ -52,6 +44,21 @@ def tag_of(method: str) -> str:
 
 @dataclass(frozen=True)
 class Workdir:
+    """Every folder and file the jobs write under a workdir (see docs/architecture.md)::
+
+        images/                     image table (ingest)
+        embeddings/<tag>/           embedding table per encoder (embed)
+        index/<tag>/                sharded FAISS index (index)
+        neighbors/<tag>/            kNN table, when kept
+        pairs/<tag>/, groups/<tag>/ dedup output
+        derived/<name>/             a nested workdir of derived tables (dba, rot90 ...)
+        artifacts/<tag>/            trained classical vocabularies (+ by-key/ pointers)
+        train_descriptors/<key>/    SIFT descriptors of a training collection
+        train/<name>/               the image table of a post-processing training collection
+        postprocess/                learned post-processing (.npz), and copies fetched from MLflow
+        mlflow.db                   the embedded MLflow store (when no tracking URI is set)
+    """
+
     root: str  # absolute URI
 
     @classmethod
@@ -80,6 +87,44 @@ class Workdir:
 
     def neighbors(self, method: str) -> str:
         return self.join("neighbors", tag_of(method))
+
+    # Everything else the jobs write.
+    def derived(self, name: str) -> "Workdir":
+        """A nested workdir for derived tables and their index (``dba``, ``rot90`` ...)."""
+        return Workdir(self.join("derived", name))
+
+    @property
+    def dba_marker(self) -> str:
+        """In a derived workdir: what its database-side augmentation was built from."""
+        return self.join("dba.json")
+
+    def artifacts(self, method: str) -> str:
+        """Trained vocabularies of a classical method."""
+        return self.join("artifacts", tag_of(method))
+
+    def train_descriptors(self, key: str) -> str:
+        return self.join("train_descriptors", key)
+
+    def training(self, name: str) -> "Workdir":
+        """A nested workdir for the image table of a training collection."""
+        return Workdir(self.join("train", tag_of(name)))
+
+    @property
+    def postprocess(self) -> str:
+        """Learned post-processing artifacts, and those fetched from MLflow runs."""
+        return self.join("postprocess")
+
+    def postprocess_file(self, name: str, version: str) -> str:
+        return self.join("postprocess", f"{tag_of(name)}-{version}.npz")
+
+    @property
+    def fault_marker(self) -> str:
+        """Test hook (embed.fail_once_on_image): the Python worker was killed once."""
+        return self.join("_fault_injected")
+
+    @property
+    def mlflow_db(self) -> str:
+        return self.join("mlflow.db")
 
 
 def read_metadata(uri: str) -> dict[str, Any]:

@@ -72,28 +72,6 @@ def is_model_file(backbone: str) -> bool:
     return backbone.endswith(".keras")
 
 
-def validate_spec(backbone: str, weights: str, preprocess: str | None) -> None:
-    """Cheap checks, no TensorFlow: unknown names and missing files fail here."""
-    from pipeline.core import classical
-    from pipeline.config import ConfigError
-
-    if classical.is_classical(backbone):
-        return  # a classical method (pipeline.classical); its options are checked by classical_stage
-    if is_model_file(backbone):
-        if "://" not in backbone and not Path(backbone).is_file():
-            raise ConfigError(f"embed.backbone: model file not found: {backbone}")
-    elif backbone not in REGISTRY:
-        raise ConfigError(
-            f"unknown backbone {backbone!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a .keras model file, "
-            f"or a classical method: {', '.join(classical.CLASSICAL_METHODS)}"
-        )
-    if preprocess is not None and preprocess not in PREPROCESS_MODES:
-        raise ConfigError(f"embed.preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-    if weights not in ("imagenet", "none") and not is_model_file(backbone):
-        if "://" not in weights and not Path(weights).is_file():
-            raise ConfigError(f"embed.weights must be imagenet, none or an existing weights file, got {weights!r}")
-
-
 def input_size_of(backbone: str, override: int | None = None) -> int:
     if override:
         return int(override)

@@ -2,7 +2,7 @@
 
 ``embed.postprocess`` is a ``.npz`` path (local or any URI the workdir store reads), an
 MLflow run id of a ``train`` run, or ``runs:/<run id>/...``. The artifact is a
-:class:`pipeline.descriptors.Whitening` (no pickle); its content hash is part of the
+:class:`pipeline.core.whitening.Whitening` (no pickle); its content hash is part of the
 embedding table's fingerprint, so a new artifact re-embeds.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _locate(spec: str, config: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(config.tracking_uri())
-    local = storage.local_path_of(storage.Workdir.of(config.workdir).join(ARTIFACT_DIR, run_id))
+    local = storage.local_path_of(f"{storage.Workdir.of(config.workdir).postprocess}/{run_id}")
     if local is None:
         import tempfile
 

@@ -15,16 +15,16 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipeline import schemas as S, workflow
-from pipeline.encoders import backbones
-from pipeline.stages import search
+from pipeline import schemas as S
+from pipeline.config import Config, ConfigError
 from pipeline.core import metrics as M
 from pipeline.core import storage
-from pipeline.stages import tables
-from pipeline.stages import tracking
-from pipeline.train import cnn as train_job
-from pipeline.config import Config, ConfigError
+from pipeline.encoders import backbones, postprocess, registry
+from pipeline.evaluate import report
+from pipeline.stages import search, steps, tables, tracking
+from pipeline.stages.vocabulary import prepare as vocabulary_prepare
 from pipeline.stages.timing import timed
+from pipeline.train import cnn as train_job
 
 log = logging.getLogger(__name__)
 
@@ -75,49 +75,20 @@ def collect_rankings(neighbors, name_of: dict[str, str]) -> dict[str, list[str]]
     return {q: [n for _, n in sorted(v)] for q, v in rankings.items()}
 
 
-def expand_backbones(names: list[str]) -> list[str]:
-    """``all`` -> every registry backbone (in registry order); other names kept, deduplicated."""
-    out: list[str] = []
-    for name in names:
-        for b in (list(backbones.REGISTRY) if name == "all" else [name]):
-            if b not in out:
-                out.append(b)
-    return out
-
-
 def weights_available(cfg: Config) -> bool:
     """Whether the configured weights load (ImageNet weights cached or downloadable)."""
-    from pipeline.stages import embed as em
-
     if cfg.embed.weights == "none":
         return True
     try:
-        em.check_model_loads(cfg.with_overrides(embed__postprocess=None))
+        registry.encoder_for(cfg.with_overrides(embed__postprocess=None)).preflight()
         return True
     except backbones.WeightsUnavailableError as exc:
         log.warning("%s: %s -- timing only, with weights=none", cfg.embed.backbone, exc)
         return False
 
 
-def descriptor_params(cfg: Config) -> dict[str, Any]:
-    """The descriptor and re-ranking options of a run, as MLflow params (analysts compare these)."""
-    e, d = cfg.embed, cfg.dedup
-    aspect = e.input == "aspect" and backbones.supports_any_size(e.backbone)
-    return {
-        "input": "aspect" if aspect else "squash",
-        "max_side": e.max_side if aspect else None,
-        "input_size": backbones.input_size_of(e.backbone, e.input_size) if not aspect else e.max_side,
-        "scales": ",".join(f"{s:g}" for s in e.scales),
-        "pooling": e.pooling, "gem_p": e.gem_p if e.pooling == "gem" else None,
-        "rmac_levels": e.rmac_levels if e.pooling == "rmac" else None,
-        "trim_borders": e.trim_borders, "power_norm": e.power_norm,
-        "postprocess": e.postprocess or "none",
-        "dba_k": d.dba_k, "dba_alpha": d.dba_alpha, "qe_k": d.qe_k, "qe_alpha": d.qe_alpha,
-        "rotations": ",".join(str(r) for r in d.rotations),
-    }
-
-
-def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
+def evaluate(spark: SparkSession, config: Config) -> tuple[list[dict[str, Any]], str]:
+    """Every method of ``evaluate.backbones`` on the dataset; returns one result per method and the tables."""
     ev = config.evaluate
     if not ev.input:
         raise ConfigError("evaluate needs --input DIR (a dataset folder with groundtruth.csv)")
@@ -125,14 +96,11 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
     config = config.with_overrides(ingest__input=[ev.input])
     results: list[dict[str, Any]] = []
     with tracking.mlflow_run(config, f"evaluate-{ev.dataset}", tags={"job": "evaluate", "dataset": ev.dataset}):
-        ingest_metrics = workflow.ingest_stage(spark, config)
+        ingest_metrics, _ = steps.ingest_step(spark, config)
         images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
         name_of = {r[S.IMAGE_ID]: posixpath.basename(r[S.PATH]) for r in images.select(S.IMAGE_ID, S.PATH).collect()}
         n_images = sum(1 for name in name_of.values() if name in truth.group_of)
-        from pipeline.core import classical
-        from pipeline.stages import classical as classical_stage
-
-        for backbone in expand_backbones(classical.expand_methods(ev.backbones)):
+        for backbone in registry.expand_names(ev.backbones):
             cfg = config.with_overrides(embed__backbone=backbone)
             cfg.validate()
             if not weights_available(cfg):
@@ -141,15 +109,13 @@ def evaluate(spark: SparkSession, config: Config) -> list[dict[str, Any]]:
                 continue
             results.append(_evaluate_backbone(spark, cfg, truth, name_of, n_images, ingest_metrics))
         table = format_table(results)
-        print(table)
         tracking.log_text_artifact(table, "comparison.txt")
-        study = classical_stage.study_table(results, config.classical.compare_with)
-        print(study)
+        study = report.study_table(results, config.classical.compare_with)
         tracking.log_text_artifact(study, "study_table.txt")
         tracking.log_dict_artifact(results, "results.json")
     if ev.json_out:
         storage.write_json(storage.absolute_uri(ev.json_out), results)
-    return results
+    return results, f"{table}\n{study}"
 
 
 def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str, str], n_images: int,
@@ -158,17 +124,17 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
     with tracking.mlflow_run(cfg, storage.tag_of(backbone), nested=True, tags={"backbone": backbone}) as run:
         import mlflow
 
-        from pipeline.core import classical
-        from pipeline.stages import classical as classical_stage
-
-        is_classical = classical.is_classical(backbone)
+        encoder = registry.encoder_for(cfg)
+        learns_postprocess = encoder.learns == "postprocess"
         m: dict[str, Any] = {}
         trained = None
-        if is_classical:
-            # Classical baselines are searched as published: no rotations or re-ranking. Their
-            # vocabulary is trained (or reused) here, so the result can name it.
-            cfg = cfg.with_overrides(dedup__rotations=[0], dedup__dba_k=0, dedup__qe_k=0)
-            cfg, train_metrics = classical_stage.prepare(spark, cfg)
+        if not encoder.reranking:
+            # Searched as published: no rotations or re-ranking.
+            cfg = encoder.search_config()
+        if not learns_postprocess:
+            # A vocabulary is trained (or reused) here, so the result can name it.
+            encoder, train_metrics = vocabulary_prepare(spark, registry.encoder_for(cfg))
+            cfg = encoder.config
             m.update(train_metrics)
         elif cfg.evaluate.train_input:
             # The post-processing is learned on ANOTHER collection, never on the evaluated one.
@@ -176,13 +142,13 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             trained = train_job.train(spark, cfg.with_overrides(train__input=[cfg.evaluate.train_input],
                                                                 train__name=train_name))
             cfg = cfg.with_overrides(embed__postprocess=trained["artifact"])
+            encoder = registry.encoder_for(cfg)
             m["train_seconds"] = trained.get("ingest_seconds", 0.0) + trained["train_embed_seconds"]
         mlflow.log_params({
             "backbone": backbone, "weights": cfg.embed.weights,
-            **({} if is_classical else descriptor_params(cfg)),
-            **(classical_stage.mlflow_params(cfg) if is_classical else {}),
-            # A classical method's training set and artifact are logged by classical_stage.prepare.
-            **({} if is_classical else {
+            **encoder.mlflow_params(),
+            # A vocabulary's training set and artifact are logged by stages.vocabulary.prepare.
+            **({} if not learns_postprocess else {
                 "postprocess_version": trained["version"] if trained else (
                     _postprocess_version(cfg) if cfg.embed.postprocess else "none"),
                 "train_input": cfg.evaluate.train_input or "none"}),
@@ -192,15 +158,15 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
         })
         if trained:
             mlflow.log_artifact(trained["artifact"], "postprocess")
-        m.update(workflow.embed_stage(spark, cfg, incremental=False))  # timings must be of real work
-        m.update(workflow.index_stage(spark, cfg))
+        m.update(steps.embed_step(spark, cfg, incremental=False)[0])  # timings must be of real work
+        m.update(steps.index_step(spark, cfg))
         k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
         with timed("search", m):
             neighbors = search.search_neighbors(spark, cfg, k).localCheckpoint()
         rankings = collect_rankings(neighbors, name_of)
         rankings = {q: [n for n in v if n in truth.group_of] for q, v in rankings.items() if q in truth.group_of}
         scores = score(cfg.evaluate.dataset, truth, rankings)
-        m.update(workflow.dedup_stage(spark, cfg))
+        m.update(steps.dedup_step(spark, cfg))
         workdir = storage.Workdir.of(cfg.workdir)
         pairs = tables.read_table(spark, workdir.pairs(backbone), "pairs table").collect()
         predicted = [(name_of[r[S.IMAGE_ID_A]], name_of[r[S.IMAGE_ID_B]]) for r in pairs]
@@ -223,16 +189,14 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "search_seconds": m["search_seconds"],
             "train_seconds": m.get("train_seconds", 0.0),
             "embedding_dim": m["embedding_dim"],
-            "options": classical_stage.mlflow_params(cfg) if is_classical else descriptor_params(cfg),
+            "options": encoder.mlflow_params(),
             "timing_only": False,
             "mlflow_run_id": run.info.run_id,
-            **(classical_stage.result_extras(cfg) if is_classical else {}),
+            **encoder.result_extras(),
         }
 
 
 def _postprocess_version(cfg: Config) -> str:
-    from pipeline.encoders import postprocess
-
     return postprocess.resolve(cfg)[1]
 
 
@@ -244,16 +208,16 @@ def _time_backbone(spark, cfg: Config, n_images: int, ingest_metrics: dict[str, 
                              tags={"backbone": backbone, "timing_only": "true"}) as run:
         import mlflow
 
-        mlflow.log_params({"backbone": backbone, "weights": "none", **descriptor_params(cfg),
+        mlflow.log_params({"backbone": backbone, "weights": "none", **registry.encoder_for(cfg).mlflow_params(),
                            "dataset": cfg.evaluate.dataset, "timing_only": True,
                            "spark_master": spark.sparkContext.master})
-        m = workflow.embed_stage(spark, cfg, incremental=False)
+        m = steps.embed_step(spark, cfg, incremental=False)[0]
         return {
             "dataset": cfg.evaluate.dataset, "method": backbone, "weights": "none", "images": n_images,
             "queries": 0, "timing_only": True,
             "embed_seconds": m["embed_seconds"], "images_per_second": m["images_per_second"],
             "ingest_seconds": ingest_metrics["ingest_seconds"], "embedding_dim": m["embedding_dim"],
-            "options": descriptor_params(cfg), "mlflow_run_id": run.info.run_id,
+            "options": registry.encoder_for(cfg).mlflow_params(), "mlflow_run_id": run.info.run_id,
         }
 
 

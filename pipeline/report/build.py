@@ -33,6 +33,7 @@ class ReportResult:
     thumbnail_errors: int
     pages: int
     mlflow_run_id: str | None
+    report: str = ""  # the lines the CLI prints
 
 
 def default_out_dir(config: Config) -> str:
@@ -107,6 +108,8 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
                           images_to_remove=summary["images_to_remove"], thumbnails=total - len(failed_thumbs),
                           thumbnail_errors=len(failed_thumbs),
                           pages=written["group_pages"] + written["failed_pages"] + 1, mlflow_run_id=report_run)
+    result.report = (f"report: {result.groups} groups, {result.images_to_remove} images proposed for removal, "
+                     f"{result.pages} pages, {result.thumbnails} thumbnails\nopen {result.url}")
     log.info("report: %s (%d groups, %d pages)", result.url, result.groups, result.pages)
     return result
 

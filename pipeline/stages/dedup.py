@@ -12,6 +12,7 @@ from pipeline import schemas as S
 from pipeline.config import Config, ConfigError
 from pipeline.core import grouping as G
 from pipeline.core import storage
+from pipeline.encoders import registry
 from pipeline.stages import index as ix
 from pipeline.stages import tables
 from pipeline.stages.components import connected_components
@@ -169,10 +170,8 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     method = config.embed.backbone
     d = config.dedup
     neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
-    from pipeline.stages import classical as classical_stage
-
     metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
-    threshold = classical_stage.effective_threshold(config, metric)  # dedup.hamming_bits for hashes
+    threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
     # Every kNN candidate pair, kept for the similarity histogram of the report (where the
     # threshold falls in the distribution), then thresholded into the pairs table.
     candidates = pairs_from_neighbors(neighbors, -1.0).persist(StorageLevel.MEMORY_AND_DISK)

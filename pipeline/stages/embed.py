@@ -1,8 +1,8 @@
 """Stage 2: image table -> embedding table, with a pandas UDF per executor Python worker.
 
-The per-batch work is the plain function :func:`embed_contents` (testable without Spark);
-the UDF only wraps it. The model is cached per Python worker (see
-:func:`pipeline.backbones.load_embedding_model`) and fed fixed-size chunks.
+The per-batch work is the encoder's plain function (:meth:`pipeline.encoders.base.Encoder.embed_function`,
+testable without Spark); the UDF only wraps it. Re-runs are incremental: rows made by the
+same encoder fingerprint are reused for images whose bytes did not change.
 """
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,8 +19,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipeline import schemas as S
-from pipeline.encoders import backbones
-from pipeline.core import preprocess, storage
+from pipeline.encoders import registry
+from pipeline.encoders.base import Encoder, file_identity
+from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline.config import Config
 
@@ -33,148 +33,21 @@ EMBED_RESULT = T.StructType([
 ])
 
 
-def model_key(config: Config) -> backbones.ModelKey:
-    e = config.embed
-    aspect = e.input == "aspect" and backbones.supports_any_size(e.backbone)
-    uri, version = (None, None)
-    if e.postprocess:
-        from pipeline.encoders import postprocess
-
-        uri, version = postprocess.resolve(config)
-    return backbones.ModelKey(
-        backbone=e.backbone,
-        weights=e.weights,
-        layer=e.layer,
-        preprocess=backbones.preprocess_mode_of(e.backbone, e.preprocess),
-        input_size=int(e.max_side) if aspect else backbones.input_size_of(e.backbone, e.input_size),
-        pooling=e.pooling,
-        input_mode="aspect" if aspect else "squash",
-        max_side=int(e.max_side) if aspect else 0,
-        size_multiple=int(e.size_multiple) if aspect else 0,
-        scales=tuple(float(s) for s in e.scales),
-        gem_p=float(e.gem_p) if e.pooling == "gem" else 0.0,
-        rmac_levels=int(e.rmac_levels) if e.pooling == "rmac" else 0,
-        trim_borders=bool(e.trim_borders),
-        power_norm=float(e.power_norm),
-        postprocess=uri,
-        postprocess_version=version,
-        rotation=int(e.rotation),
-    )
-
-
-def _sides(key: backbones.ModelKey) -> list[int]:
-    return [max(32, int(round(key.input_size * s))) for s in key.scales]
-
-
-# One decode thread pool per Python worker: PIL releases the GIL while decoding and
-# resizing, so the next chunk decodes while TensorFlow runs the current one.
-_DECODE_POOL: ThreadPoolExecutor | None = None
-
-
-def _decode_pool() -> ThreadPoolExecutor:
-    global _DECODE_POOL
-    if _DECODE_POOL is None:
-        _DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
-    return _DECODE_POOL
-
-
-def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int):
-    """Decode a chunk: per image a list of pixel arrays (one per scale) or None, and errors."""
-    sides = _sides(key)
-    pixels: list[list[np.ndarray] | None] = [None] * len(contents)
-    errors: list[str | None] = [None] * len(contents)
-    for i, content in enumerate(contents):
-        try:
-            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation)
-            pixels[i] = [preprocess.resized(image, side, key.input_mode, key.size_multiple) for side in sides]
-        except Exception as exc:  # a bad image is a recorded row, never a failed job
-            errors[i] = f"decode failed: {exc}"
-    return pixels, errors
-
-
-def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels: int) -> tuple[list, list]:
-    """Embed a list of encoded images; returns (embeddings or None, errors or None) per image.
-
-    Images are decoded on a thread pool while the network runs; same-shape images (every
-    image in ``squash`` mode, a size bucket in ``aspect`` mode) go through the network
-    together in chunks of ``batch_size``.
-    """
-    key = model.key
-    n_scales = len(key.scales)
-    pool = _decode_pool()
-    chunks = [contents[i:i + batch_size] for i in range(0, len(contents), batch_size)]
-    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels) for chunk in chunks]
-    pixels: list[list[np.ndarray] | None] = []
-    errors: list[str | None] = []
-    pooled = np.zeros((len(contents), n_scales, model.features_dim), np.float32)
-    # Per scale and shape, rows waiting for a full batch.
-    waiting: dict[tuple, list[int]] = {}
-
-    def run(scale: int, shape: tuple, rows: list[int]) -> None:
-        batch = np.stack([pixels[r][scale] for r in rows])
-        if key.input_mode == "squash":
-            batch = _pad(batch, batch_size)
-        pooled[rows, scale] = model(batch)[: len(rows)]
-
-    for future in futures:
-        chunk_pixels, chunk_errors = future.result()
-        start = len(pixels)
-        pixels.extend(chunk_pixels)
-        errors.extend(chunk_errors)
-        for i, p in enumerate(chunk_pixels):
-            if p is None:
-                continue
-            for s in range(n_scales):
-                rows = waiting.setdefault((s, p[s].shape), [])
-                rows.append(start + i)
-                if len(rows) == batch_size:
-                    run(s, p[s].shape, rows)
-                    waiting[(s, p[s].shape)] = []
-    for (s, shape), rows in waiting.items():
-        if rows:
-            run(s, shape, rows)
-    ok = [i for i, e in enumerate(errors) if e is None]
-    embeddings: list[np.ndarray | None] = [None] * len(contents)
-    if ok:
-        from pipeline.core import pooling
-
-        per_scale = pooled[ok]
-        combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
-            [per_scale[:, s] for s in range(n_scales)])
-        final = model.postprocess(combined)
-        for i, v in zip(ok, final):
-            embeddings[i] = v
-    return embeddings, errors
-
-
-def _pad(pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Fixed-size chunks: the last, short chunk is padded so the graph sees one shape."""
-    if len(pixels) == batch_size:
-        return pixels
-    pad = np.zeros((batch_size - len(pixels),) + pixels.shape[1:], dtype=pixels.dtype)
-    return np.concatenate([pixels, pad])
-
-
-def make_embed_udf(config: Config):
-    key = model_key(config)
-    batch_size = config.embed.batch_size
-    max_pixels = config.ingest.max_pixels
+def make_embed_udf(config: Config, encoder: Encoder):
+    """The pandas UDF (image_id, content) -> (embedding, error) around ``encoder.embed_function()``."""
+    embed_batch = encoder.embed_function()
     fail_once_on = config.embed.fail_once_on_image
-    marker = (storage.local_path_of(storage.Workdir.of(config.workdir).join("_fault_injected"))
+    marker = (storage.local_path_of(storage.Workdir.of(config.workdir).fault_marker)
               if fail_once_on else None)
-
-    threads = config.embed.tf_threads
 
     @F.pandas_udf(EMBED_RESULT)
     def embed_udf(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        backbones.configure_tensorflow_threads(threads)
-        model = backbones.load_embedding_model(key)
         for ids, contents in batches:
             if fail_once_on is not None and fail_once_on in set(ids) and not os.path.exists(marker):
                 _die_once(marker)
-            vectors, errors = embed_contents(model, list(contents), batch_size, max_pixels)
+            vectors, errors = embed_batch(list(contents))
             yield pd.DataFrame({
-                S.EMBEDDING: [None if v is None else v.astype(np.float32) for v in vectors],
+                S.EMBEDDING: [None if v is None else np.asarray(v, dtype=np.float32) for v in vectors],
                 S.ERROR: errors,
             })
 
@@ -192,19 +65,11 @@ def _die_once(marker: str) -> None:
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
     """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content).
 
-    CNN backbones and classical methods differ only in the UDF; the table is the same.
+    Every encoder gives the same table; they differ only in the per-batch function.
     """
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone):
-        from pipeline.stages import classical as classical_stage
-
-        udf = classical_stage.embedding_udf(config)
-        # SIFT is CPU-bound and per image: a few partitions per core even out slow images.
-        partitions_per_core = 2
-    else:
-        udf = make_embed_udf(config)
-        partitions_per_core = 1
+    encoder = registry.encoder_for(config)
+    udf = make_embed_udf(config, encoder)
+    partitions_per_core = encoder.partitions_per_core
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
     # At least one partition per core, so a small corpus still uses every executor core.
@@ -224,20 +89,6 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     )
 
 
-def check_model_loads(config: Config) -> int:
-    """Load the backbone on the driver before any Spark work: missing weights fail in seconds.
-
-    Returns the embedding dimension.
-    """
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone):
-        from pipeline.stages import classical as classical_stage
-
-        return classical_stage.check_method(config)
-    return backbones.load_embedding_model(model_key(config)).dim
-
-
 # Embed settings that change how fast, not what, is computed.
 _NOT_IN_FINGERPRINT = ("batch_size", "arrow_batch_rows", "fail_once_on_image", "tf_threads")
 
@@ -251,24 +102,9 @@ def model_fingerprint(config: Config) -> dict:
     time as well as its path, so replacing it in place invalidates the previous embeddings.
     """
     settings = {k: v for k, v in dataclasses.asdict(config.embed).items() if k not in _NOT_IN_FINGERPRINT}
-    files = {}
-    for value in settings.values():
-        if isinstance(value, str) and value and os.path.isfile(value):
-            st = os.stat(value)
-            files[value] = [st.st_size, int(st.st_mtime_ns)]
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone):
-        from pipeline.stages import classical as classical_stage
-
-        name = config.embed.backbone
-        artifact = classical_stage.artifact_uri(config, name)
-        key = {"classical": name, "options": classical_stage.options_for(config, name), "artifact": artifact}
-        if artifact and os.path.isfile(storage.local_path_of(artifact) or ""):
-            st = os.stat(storage.local_path_of(artifact))
-            files[artifact] = [st.st_size, int(st.st_mtime_ns)]
-    else:
-        key = dataclasses.asdict(model_key(config))
+    encoder = registry.encoder_for(config)
+    files = file_identity(list(settings.values()) + encoder.fingerprint_files())
+    key = encoder.fingerprint()
     return json.loads(json.dumps({"settings": settings, "model": key, "files": files,
                                   "max_pixels": config.ingest.max_pixels,
                                   "schema": S.EMBEDDING_TABLE.simpleString()}, sort_keys=True, default=str))

@@ -31,6 +31,7 @@ from pipeline.config import Config
 from pipeline.core import storage
 from pipeline.core.faiss_index import (BINARY_FLAT, deserialize, factory_string, is_binary_index, needs_training,
                                        new_index, pack_bits, serialize, train_index)
+from pipeline.encoders import registry
 from pipeline.stages import tables
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
         raise ValueError(f"the embedding table for {method} has no embedded images: nothing to index")
     dim = len(rows.select(S.EMBEDDING).first()[0])
     n_shards = min(settings.shards, n)
-    from pipeline.core import classical
-
-    binary = classical.is_binary_method(method)
+    binary = registry.encoder_for(config).binary
     if binary and settings.type != "flat":
         log.warning("%s is a binary hash: index.type=%s ignored, using an exact binary index", method, settings.type)
     description = BINARY_FLAT if binary else factory_string(settings, n, dim)

@@ -9,7 +9,7 @@ executors, file by file, so a bad file becomes a row, not a crash.
 Incremental: when the workdir already holds an image table made with the same settings, a
 file whose (path, size, modification time) is unchanged keeps its previous row without
 being read; new and changed files are described; rows of deleted files are dropped. The
-new table is written whole and committed by rename (see :mod:`pipeline.store`), so an
+new table is written whole and committed by rename (see :mod:`pipeline.stages.tables`), so an
 interrupted ingest leaves the previous table in place.
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import rerank as core_rerank
 from pipeline.core import storage
+from pipeline.stages import embed as em
 from pipeline.stages import index as ix
 from pipeline.stages import tables
 
@@ -82,7 +83,7 @@ def augment_database(neighbors: DataFrame, embeddings: DataFrame, alpha: float) 
 
 def derived_config(config: Config, name: str, **overrides) -> Config:
     """A config whose workdir is ``<workdir>/derived/<name>`` (derived tables and their index)."""
-    sub = storage.Workdir.of(config.workdir).join("derived", name)
+    sub = storage.Workdir.of(config.workdir).derived(name).root
     return config.with_overrides(workdir=sub, mlflow__tracking_uri=config.tracking_uri(), **overrides)
 
 
@@ -95,8 +96,6 @@ def _images_digest(images: DataFrame) -> list:
 
 def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
     """The embedding table of every image rotated by ``rotation`` degrees (built when stale)."""
-    from pipeline.stages import embed as em
-
     sub = derived_config(config, f"rot{rotation}", embed__rotation=rotation)
     target = storage.Workdir.of(sub.workdir).embeddings(config.embed.backbone)
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
@@ -123,7 +122,7 @@ def ensure_dba(spark: SparkSession, config: Config, search: Callable[..., DataFr
     workdir = storage.Workdir.of(config.workdir)
     base = ix.IndexInfo.load(workdir.index_dir(method))
     sub = derived_config(config, "dba")
-    marker = storage.Workdir.of(sub.workdir).join("dba.json")
+    marker = storage.Workdir.of(sub.workdir).dba_marker
     meta = {"base_index": base.meta["created_at"], "base_embeddings": base.meta.get("embeddings"),
             "count": base.meta["count"], "k": d.dba_k, "alpha": d.dba_alpha, "index": dataclasses.asdict(config.index)}
     if storage.file_exists(marker) and storage.read_json(marker) == meta:

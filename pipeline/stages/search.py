@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import faiss_index, storage
+from pipeline.encoders import registry
 from pipeline.stages import index as ix
 from pipeline.stages import rerank, tables
 
@@ -39,12 +40,8 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
       ``<workdir>/derived/rot<deg>``), keeping each neighbour's best similarity;
     * ``qe_k > 0``: alpha-query expansion, a second search with expanded queries.
     """
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone):
-        # Rotated queries and re-ranking are defined for CNN descriptors (DBA would average hash
-        # bits); classical baselines are searched as published.
-        config = config.with_overrides(dedup__rotations=[0], dedup__dba_k=0, dedup__qe_k=0)
+    # Encoders whose vectors re-ranking does not apply to (hash bits) switch it off here.
+    config = registry.encoder_for(config).search_config()
     d = config.dedup
     index_cfg = rerank.ensure_dba(spark, config, _search) if d.dba_k > 1 else config
     if queries is None:

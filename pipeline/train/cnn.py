@@ -28,10 +28,10 @@ import numpy as np
 
 from pipeline import schemas as S
 from pipeline.encoders import backbones
-from pipeline.core import vectors, whitening
-from pipeline.stages import embed as em
+from pipeline.core import augment, vectors, whitening
+from pipeline.encoders import cnn
 from pipeline.core import storage
-from pipeline.stages import tracking
+from pipeline.stages import steps, tracking
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def training_workdir(config: Config) -> str:
     """The training collection gets its own image table, beside (not over) the searched one."""
-    return storage.Workdir.of(config.workdir).join("train", storage.tag_of(config.train.name))
+    return storage.Workdir.of(config.workdir).training(config.train.name).root
 
 
 def read_descriptors(config: Config) -> tuple[list[str], np.ndarray, float]:
@@ -49,12 +49,12 @@ def read_descriptors(config: Config) -> tuple[list[str], np.ndarray, float]:
 
 
 def read_descriptors_and_views(config: Config, views: int) -> tuple[list[str], np.ndarray, np.ndarray | None, float]:
-    """:func:`read_descriptors` plus ``views`` augmented views per image (:func:`augment`),
+    """:func:`read_descriptors` plus ``views`` augmented views per image (:func:`augmented_view`),
     embedded the same way: returns ids, X ``(n, d)``, V ``(n, views, d)`` or None, seconds."""
     from petastorm import make_batch_reader
 
     url = storage.Workdir.of(config.workdir).images
-    model = backbones.load_embedding_model(em.model_key(config))
+    model = backbones.load_embedding_model(cnn.model_key(config))
     ids: list[str] = []
     vectors: list[np.ndarray] = []
     view_vectors: list[np.ndarray] = []
@@ -68,7 +68,7 @@ def read_descriptors_and_views(config: Config, views: int) -> tuple[list[str], n
             if not keep:
                 continue
             contents = [bytes(batch.content[i]) for i in keep]
-            out, errors = em.embed_contents(model, contents, config.embed.batch_size, config.ingest.max_pixels)
+            out, errors = cnn.embed_contents(model, contents, config.embed.batch_size, config.ingest.max_pixels)
             ok = [j for j, err in enumerate(errors) if err is None]
             if views and ok:
                 extra, keep_ok = embed_views(model, [contents[j] for j in ok], views, rng, config)
@@ -86,11 +86,10 @@ def read_descriptors_and_views(config: Config, views: int) -> tuple[list[str], n
 
 # ------------------------------------------------------------ projection head (issue 3)
 
-def augment(image, rng: np.random.Generator):
+def augmented_view(image, rng: np.random.Generator):
     """One self-supervised near-duplicate of a PIL image: one or two random edits among
     crop (random box), half rescale, JPEG 25, brightness, colour shift, 7-degree rotation
-    (the transforms of :mod:`pipeline.demo`)."""
-    from pipeline import demo
+    (:mod:`pipeline.core.augment`)."""
 
     def random_crop(im):
         w, h = im.size
@@ -99,7 +98,8 @@ def augment(image, rng: np.random.Generator):
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         return im.crop((x0, y0, x0 + cw, y0 + ch))
 
-    edits = [random_crop, demo._crop, demo._rescale, demo._jpeg, demo._brighter, demo._colour_shift, demo._rotate]
+    edits = [random_crop, augment.crop, augment.rescale, augment.jpeg, augment.brighter, augment.colour_shift,
+             augment.rotate]
     for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
         image = edits[int(k)](image)
     return image
@@ -123,9 +123,9 @@ def embed_views(model, contents: list[bytes], views: int, rng: np.random.Generat
             continue
         for _ in range(views):
             buf = io.BytesIO()
-            augment(image, rng).save(buf, "JPEG", quality=92)
+            augmented_view(image, rng).save(buf, "JPEG", quality=92)
             encoded.append(buf.getvalue())
-    out, errors = em.embed_contents(model, encoded, config.embed.batch_size, config.ingest.max_pixels)
+    out, errors = cnn.embed_contents(model, encoded, config.embed.batch_size, config.ingest.max_pixels)
     result, good = [], []
     for i in range(len(contents)):
         rows = slice(i * views, (i + 1) * views)
@@ -236,7 +236,7 @@ def fit(config: Config, X: np.ndarray) -> whitening.Whitening:
     elif dim is not None and t.power > 0 and t.shrinkage == 0 and dim > X.shape[0] - 1:
         dim = X.shape[0] - 1
     w = whitening.fit_pca_whitening(X, dim=dim, shrinkage=t.shrinkage, power=t.power)
-    key = dataclasses.asdict(em.model_key(config))
+    key = dataclasses.asdict(cnn.model_key(config))
     params = {**w.params, "descriptor": {k: v for k, v in key.items() if k not in ("postprocess", "postprocess_version")}}
     params["descriptor"]["scales"] = list(params["descriptor"]["scales"])
     version = whitening._whitening_hash(w.mean, w.projection, params)
@@ -244,14 +244,15 @@ def fit(config: Config, X: np.ndarray) -> whitening.Whitening:
 
 
 def train(spark, config: Config) -> dict[str, Any]:
-    """Ingest ``train.input`` (if given) into a training workdir, fit, save, log to MLflow."""
-    from pipeline import workflow
+    """Ingest ``train.input`` (if given) into a training workdir, fit, save, log to MLflow.
 
+    Returns the artifact path, its version and metrics, and ``report`` (a line for people).
+    """
     inputs = list(config.train.input)
     cfg = config.with_overrides(embed__postprocess=None, embed__rotation=0)
     if inputs:
         cfg = cfg.with_overrides(workdir=training_workdir(config), ingest__input=inputs)
-        workflow.validate_inputs(cfg)
+        steps.check_inputs(cfg)
     import mlflow
 
     nested = mlflow.active_run() is not None
@@ -259,15 +260,14 @@ def train(spark, config: Config) -> dict[str, Any]:
                              nested=nested, tags={"job": "train"}) as run:
         metrics: dict[str, Any] = {}
         if inputs:
-            metrics.update(workflow.ingest_stage(spark, cfg))
+            metrics.update(steps.ingest_step(spark, cfg)[0])
         head_dim = config.train.head_dim
         ids, X, V, seconds = read_descriptors_and_views(cfg, config.train.head_augmentations if head_dim else 0)
         w = fit(cfg, X)
         if head_dim:
             w, head_metrics = attach_head(cfg, w, X, V)
             metrics.update({**head_metrics, "head_dim": head_dim, "head_epochs": config.train.head_epochs})
-        out = config.train.output or storage.Workdir.of(config.workdir).join(
-            "postprocess", f"{storage.tag_of(config.train.name)}-{w.version}.npz")
+        out = config.train.output or storage.Workdir.of(config.workdir).postprocess_file(config.train.name, w.version)
         local = storage.local_path_of(out)
         if local is not None:
             os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -289,6 +289,7 @@ def train(spark, config: Config) -> dict[str, Any]:
         tracking.log_metrics(metrics)
         result = {"artifact": local or out, "version": w.version, "dim": w.dim, "images": len(ids),
                   "mlflow_run_id": run.info.run_id, **metrics}
-        print(f"post-processing {w.version}: {w.dim}-d, learned on {len(ids)} images -> {result['artifact']} "
-              f"(MLflow run {run.info.run_id}; use --set embed.postprocess=<that path or run id>)")
+        result["report"] = (f"post-processing {w.version}: {w.dim}-d, learned on {len(ids)} images -> "
+                            f"{result['artifact']} (MLflow run {run.info.run_id}; use --set "
+                            "embed.postprocess=<that path or run id>)")
         return result

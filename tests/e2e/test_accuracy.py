@@ -10,7 +10,7 @@ import json
 import mlflow
 import pytest
 
-from pipeline.cli import run_job
+from pipeline import api
 from tests.helpers import make_config, shared_path
 
 KEYS = {"dataset", "method", "images", "queries", "embed_seconds", "images_per_second", "mlflow_run_id"}
@@ -27,7 +27,7 @@ def _evaluate(tmp_path, dataset: str, folder: str, train_on: str | None = None, 
         overrides["evaluate__train_input"] = str(shared_path("data", train_on))
     config = make_config(tmp_path / "work", evaluate__dataset=dataset, evaluate__input=str(data),
                          evaluate__backbones=["mobilenet"], evaluate__json_out=str(out), **overrides)
-    returned = run_job("evaluate", config)
+    returned = api.evaluate(config=config).results
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))
     assert len(written) == 1 and KEYS <= set(written[0])

@@ -16,7 +16,7 @@ from pipeline.stages import ingest as ing
 from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline.cli import main as cli_main
-from pipeline.cli import run_job
+from pipeline import api
 from tests.helpers import make_config, make_small_corpus, snapshot
 
 def assert_no_duplicates(snap: dict[str, list]) -> None:
@@ -41,7 +41,7 @@ def killed_run(spark, corpus, tmp_path_factory):
     victim = ing.image_id_for(str(root / "coffee" / "original.jpg"))
     workdir = tmp_path_factory.mktemp("faults-work")
     config = make_config(workdir, ingest__input=[str(root)], embed__fail_once_on_image=victim)
-    metrics = run_job("run", config)
+    metrics = api.run(config=config)
     return config, metrics, victim
 
 
@@ -66,13 +66,13 @@ def test_rerunning_every_job_is_idempotent(spark, killed_run):
     config, _, _ = killed_run
     config = config.with_overrides(embed__fail_once_on_image=None)
     first = snapshot(spark, config)
-    metrics = run_job("run", config)
+    metrics = api.run(config=config)
     assert snapshot(spark, config) == first
     # Nothing changed, so nothing was read or embedded again.
     assert metrics["files_reused"] == len(first["images"]) and metrics["files_new"] == 0
     assert metrics["embeddings_reused"] == len(first["embeddings"]) and metrics["images_embedded"] == 0
     for job in ("ingest", "embed", "index", "dedup"):
-        run_job(job, config)
+        getattr(api, job)(config=config)
         assert snapshot(spark, config) == first, job
     # A from-scratch embed (no reuse) gives the same vectors, to rounding.
     from pipeline.stages import embed as em
@@ -142,7 +142,7 @@ def test_a_crash_between_the_commit_renames_is_recovered(spark, killed_run):
     os.rename(local, local + ".old-0123456789ab")
     with pytest.raises(FileNotFoundError):
         tables.read_table(spark, _images_uri(config), "image table")
-    metrics = run_job("ingest", config)
+    metrics = api.ingest(config=config)
     # The previous table was restored and reused, not rebuilt from nothing.
     assert metrics["files_reused"] == len(before) and metrics["files_new"] == 0
     assert snapshot(spark, config)["images"] == before

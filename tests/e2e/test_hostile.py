@@ -28,8 +28,8 @@ from pipeline import schemas as S
 from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline.cli import main as cli_main
-from pipeline.cli import run_job
-from pipeline.workflow import TooManyErrors
+from pipeline import api
+from pipeline.api import TooManyErrors
 from tests.helpers import make_config
 from tests.hostile_corpus import EXIF_ROTATED, make_hostile_corpus
 
@@ -172,7 +172,7 @@ def too_many_errors(hostile):
     tmp, root, expected, _ = hostile
     config = make_config(tmp / "work-strict", ingest__input=[str(root)])
     with pytest.raises(TooManyErrors) as info:
-        run_job("ingest", config)
+        api.ingest(config=config)
     client = mlflow.tracking.MlflowClient(config.tracking_uri())
     runs = client.search_runs([mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id])
     return config, info.value, runs, client
@@ -182,7 +182,7 @@ def too_many_errors(hostile):
 def full_run(hostile):
     tmp, root, expected, _ = hostile
     config = make_config(tmp / "work", ingest__input=[str(root)], max_error_fraction=0.5)
-    metrics = run_job("run", config)
+    metrics = api.run(config=config)
     return config, metrics
 
 
@@ -274,14 +274,13 @@ def test_hostile_names_are_carried_as_data(spark, full_run, hostile, capsys):
     assert images.where(images[S.PATH] == evil).count() == 1
 
 
-def test_printed_names_are_escaped(spark, full_run, hostile, capsys):
+def test_printed_names_are_escaped(spark, full_run, hostile):
     """What the job prints for people shows a name's control characters escaped, not raw."""
-    from pipeline.workflow import print_groups
+    from pipeline.stages.steps import format_groups
 
     config, _ = full_run
     _, root, _, _ = hostile
-    print_groups(spark, config, limit=50)
-    out = capsys.readouterr().out
+    out = format_groups(spark, config, limit=50)
     assert repr(str(root / "evil/line\nbreak\ttab.jpg")) in out
     assert "line\nbreak" not in out
     assert repr(str(root / "evil/<script>alert(1)</script>.jpg")) in out

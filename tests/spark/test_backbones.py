@@ -14,7 +14,7 @@ from pipeline.encoders import backbones as B
 from pipeline import schemas as S
 from pipeline.core import storage
 from pipeline.stages import tables
-from pipeline.cli import run_job
+from pipeline import api
 from tests.helpers import make_config, shared_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +52,8 @@ def test_user_keras_file_is_a_backbone(spark, tiny_corpus, tmp_path):
     # torchvision weights: torch-style input scaling.
     config = make_config(tmp_path, ingest__input=[str(tiny_corpus)], embed__backbone=str(model_file),
                          embed__preprocess="torch")
-    run_job("ingest", config)
-    run_job("embed", config)
+    api.ingest(config=config)
+    api.embed(config=config)
     vec = _similarities(spark, config)
     assert len(vec) == 10 and all(v.shape == (1280,) for v in vec.values())
     for name in ("coffee", "rocket"):

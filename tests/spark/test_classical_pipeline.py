@@ -18,7 +18,7 @@ from pipeline.core import faiss_index
 from pipeline.stages import index as ix
 from pipeline.core import storage
 from pipeline.stages import tables
-from pipeline.cli import run_job
+from pipeline import api
 from pipeline.config import Config, ConfigError
 from tests.helpers import make_config, shared_path
 
@@ -65,7 +65,7 @@ def evaluated(spark, data, tmp_path_factory):
         classical__train_input=[str(train)], classical__options={"vlad-ssr": SMALL_VLAD},
         dedup__hamming_bits=10,
     )
-    returned = run_job("evaluate", config)
+    returned = api.evaluate(config=config).results
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))
     return config, {r["method"]: r for r in written}
@@ -135,7 +135,7 @@ def test_train_job_writes_a_versioned_artifact(spark, evaluated, data):
 
     config, _ = evaluated
     cfg = config.with_overrides(embed__backbone="bow", classical__options={"bow": SMALL_BOW})
-    first = run_job("train", cfg)
+    first = api.train(config=cfg)
     wd = storage.Workdir.of(cfg.workdir)
     assert not first["reused"] and first["n_images"] == 16
     assert first["uri"] == wd.join("artifacts", "bow", f"{first['version']}.npz")
@@ -150,22 +150,21 @@ def test_train_job_writes_a_versioned_artifact(spark, evaluated, data):
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "classical/bow")]
     assert logged == [f"classical/bow/{first['version']}.npz"]
 
-    again = run_job("train", cfg)  # same method, options and files: the artifact is reused
+    again = api.train(config=cfg)  # same method, options and files: the artifact is reused
     assert again["reused"] and again["uri"] == first["uri"]
 
 
 def test_config_accepts_classical_names_and_rejects_bad_ones(tmp_path):
-    cfg = Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-ssr"]).validate()
+    cfg = api.validate(Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-ssr"]))
     assert classical.expand_methods(["all-classical", "mobilenet", "phash"]) == [*classical.CLASSICAL_METHODS,
                                                                                 "mobilenet"]
     with pytest.raises(ConfigError, match="unknown backbone"):
-        Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-sss"]).validate()
+        api.validate(Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-sss"]))
     with pytest.raises(ConfigError, match="classical.options.vlad"):
-        Config.load(None, [f"workdir={tmp_path}", "classical.options={vlad: {kk: 3}}"]).validate()
+        api.validate(Config.load(None, [f"workdir={tmp_path}", "classical.options={vlad: {kk: 3}}"]))
     # A SIFT method with neither an artifact nor a training set fails before Spark starts.
     with pytest.raises(ConfigError, match="needs a trained vocabulary"):
-        run_job("evaluate", cfg.with_overrides(evaluate__backbones=["phash", "bow"],
-                                               evaluate__input=str(tmp_path)))
+        api.evaluate(config=cfg.with_overrides(evaluate__backbones=["phash", "bow"], evaluate__input=str(tmp_path)))
 
 
 def test_cli_methods_alias_and_train_options():
@@ -177,9 +176,7 @@ def test_cli_methods_alias_and_train_options():
     cfg = config_from_args("evaluate", args)
     assert cfg.evaluate.backbones == ["all-classical", "mobilenet"]
     assert cfg.classical.train_input == ["/data/other"]
-    from pipeline.cli import _train_inputs_for_classical
-
     cfg = config_from_args("train", parser.parse_args(["train", "--method", "vlad-ssr", "--input", "/a", "/b"]))
     assert cfg.embed.backbone == "vlad-ssr" and cfg.train.input == ["/a", "/b"]
     # For a classical method the train job's folders are its vocabulary's training set.
-    assert _train_inputs_for_classical(cfg).classical.train_input == ["/a", "/b"]
+    assert api.preflight("train", cfg).classical.train_input == ["/a", "/b"]

@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from pipeline.stages import ingest as ing
-from pipeline.cli import run_job
+from pipeline import api
 from tests.helpers import _jpeg, make_config, make_small_corpus, snapshot
 
 
@@ -25,7 +25,7 @@ def runs(spark, tmp_path_factory):
     root = tmp / "corpus"
     truth = make_small_corpus(root)
     config = make_config(tmp / "work", ingest__input=[str(root)])
-    first = run_job("run", config)
+    first = api.run(config=config)
 
     # Added: a new photo and its near-duplicate.
     camera = Image.fromarray(skdata.camera())
@@ -43,9 +43,9 @@ def runs(spark, tmp_path_factory):
     # Deleted.
     (root / "rocket" / "half_size.jpg").unlink()
 
-    second = run_job("run", config)
+    second = api.run(config=config)
     scratch = make_config(tmp / "work-scratch", ingest__input=[str(root)])
-    third = run_job("run", scratch)
+    third = api.run(config=scratch)
     return config, scratch, first, second, third, len(truth)
 
 
@@ -89,7 +89,7 @@ def test_incremental_result_equals_a_from_scratch_run(spark, runs):
 
 def test_changed_settings_describe_everything_again(spark, runs):
     config, *_ , n = runs
-    metrics = run_job("ingest", config.with_overrides(ingest__max_pixels=10_000_000))
+    metrics = api.ingest(config=config.with_overrides(ingest__max_pixels=10_000_000))
     assert metrics["files_reused"] == 0 and metrics["files_new"] == n + 1
 
 

@@ -12,7 +12,7 @@ from pipeline.core import metrics as M
 from pipeline import schemas as S
 from pipeline.core import storage
 from pipeline.stages import tables
-from pipeline.cli import run_job
+from pipeline import api
 from tests.helpers import make_config
 
 
@@ -21,7 +21,7 @@ def demo_run(spark, demo_corpus, tmp_path_factory):
     corpus, truth_csv = demo_corpus
     workdir = tmp_path_factory.mktemp("demo-run")
     config = make_config(workdir, ingest__input=[str(corpus)])
-    metrics = run_job("run", config)
+    metrics = api.run(config=config)
     with open(truth_csv, encoding="utf-8") as fh:
         group_of = {r["filename"]: r["group"] for r in csv.DictReader(fh)}
     return config, metrics, group_of, corpus
@@ -134,7 +134,7 @@ def test_a_failed_job_leaves_its_run_failed(spark, tmp_path):
 
     config = make_config(tmp_path)  # empty workdir: no image table to embed
     with pytest.raises(FileNotFoundError, match="image table"):
-        run_job("embed", config)
+        api.embed(config=config)
     runs = mlflow.tracking.MlflowClient(config.tracking_uri()).search_runs(
         [mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

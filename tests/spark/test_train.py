@@ -5,8 +5,8 @@ import mlflow
 import numpy as np
 
 from pipeline.core import whitening
-from pipeline.stages import embed as em
-from pipeline.cli import run_job
+from pipeline.encoders import cnn
+from pipeline import api
 from tests.helpers import make_config, shared_path
 
 
@@ -14,7 +14,7 @@ def test_train_job_learns_an_artifact_usable_by_path_and_run_id(spark, tmp_path,
     root, _ = demo_corpus
     config = make_config(tmp_path / "work", train__input=[str(root)], train__name="demo",
                          embed__backbone="mobilenet-0.25", embed__max_side=128, train__dim=32, train__power=0.5)
-    result = run_job("train", config)
+    result = api.train(config=config)
     assert result["images"] >= 90 and result["dim"] == 32
     w = whitening.Whitening.load(result["artifact"])
     assert w.version == result["version"] and w.params["descriptor"]["backbone"] == "mobilenet-0.25"
@@ -25,8 +25,8 @@ def test_train_job_learns_an_artifact_usable_by_path_and_run_id(spark, tmp_path,
     assert [a.path for a in client.list_artifacts(run.info.run_id, "postprocess")] == [
         "postprocess/" + result["artifact"].rsplit("/", 1)[-1]]
 
-    by_path = em.model_key(config.with_overrides(embed__postprocess=result["artifact"]))
-    by_run = em.model_key(config.with_overrides(embed__postprocess=result["mlflow_run_id"]))
+    by_path = cnn.model_key(config.with_overrides(embed__postprocess=result["artifact"]))
+    by_run = cnn.model_key(config.with_overrides(embed__postprocess=result["mlflow_run_id"]))
     assert by_path.postprocess_version == by_run.postprocess_version == w.version
     from pipeline.encoders import backbones as B
 
@@ -44,8 +44,8 @@ def test_projection_head_learns_round_trips_and_changes_the_version(tmp_path):
     contents = [f.read_bytes() for f in files]
     config = make_config(tmp_path / "work", embed__backbone="mobilenet-0.25", embed__max_side=128,
                          train__dim=32, train__head_dim=8, train__head_epochs=15, train__head_augmentations=2)
-    model = B.load_embedding_model(em.model_key(config))
-    out, errors = em.embed_contents(model, contents, config.embed.batch_size, config.ingest.max_pixels)
+    model = B.load_embedding_model(cnn.model_key(config))
+    out, errors = cnn.embed_contents(model, contents, config.embed.batch_size, config.ingest.max_pixels)
     assert not any(errors)
     X = np.stack(out)
     views, good = T.embed_views(model, contents, 2, np.random.default_rng(0), config)
@@ -66,7 +66,7 @@ def test_projection_head_learns_round_trips_and_changes_the_version(tmp_path):
     with np.load(tmp_path / "head.npz", allow_pickle=False) as arrays:
         assert "head" in arrays.files
 
-    headed = B.load_embedding_model(em.model_key(config.with_overrides(embed__postprocess=str(tmp_path / "head.npz"))))
+    headed = B.load_embedding_model(cnn.model_key(config.with_overrides(embed__postprocess=str(tmp_path / "head.npz"))))
     assert headed.dim == 8
     Y = headed.postprocess(X)
     assert Y.shape == (20, 8) and np.allclose(np.linalg.norm(Y, axis=1), 1, atol=1e-5)

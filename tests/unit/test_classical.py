@@ -1,4 +1,4 @@
-"""Tests of pipeline.classical on real UKBench images from ../shared (skipped when absent)."""
+"""Tests of pipeline.core.classical on real UKBench images from ../shared (skipped when absent)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Config: YAML + --set overrides into one typed object, validated before Spark starts."""
 import pytest
 
+from pipeline import api
 from pipeline.config import Config, ConfigError
 
 
@@ -23,8 +24,14 @@ def test_defaults_and_overrides():
     ("embed.backbone=/no/such/model.keras", "model file not found"),
 ])
 def test_validation_names_the_bad_value(override, message):
+    """Settings and the encoder's own checks, all before Spark starts (:func:`pipeline.api.validate`)."""
     with pytest.raises(ConfigError, match=message):
-        Config.load(None, [override]).validate()
+        api.validate(Config.load(None, [override]))
+
+
+def test_settings_alone_do_not_need_the_encoders():
+    # config is the bottom layer: an unknown backbone is the encoder registry's to refuse.
+    assert Config.load(None, ["embed.backbone=resnet5"]).validate().embed.backbone == "resnet5"
 
 
 def test_unknown_keys_and_bad_types_fail_at_load():

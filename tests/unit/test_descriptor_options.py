@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.core import preprocess
 from pipeline.core import whitening
-from pipeline.stages import embed as em
+from pipeline.encoders import cnn
 from pipeline.config import Config, ConfigError
 
 
@@ -59,12 +59,12 @@ def test_trim_borders_crops_plain_borders():
 
 def test_model_key_records_every_option():
     c = Config.load(None, ["embed.pooling=gem", "embed.gem_p=4", "embed.scales=[1.0, 0.707]"]).validate()
-    key = em.model_key(c)
+    key = cnn.model_key(c)
     assert (key.input_mode, key.max_side, key.pooling, key.gem_p, key.scales) == ("aspect", 320, "gem", 4.0, (1.0, 0.707))
-    squash = em.model_key(c.with_overrides(embed__input="squash"))
+    squash = cnn.model_key(c.with_overrides(embed__input="squash"))
     assert squash.input_mode == "squash" and squash.input_size == 224
     # a network that only takes its own size falls back to squash
-    assert em.model_key(c.with_overrides(embed__backbone="nasnetmobile")).input_mode == "squash"
+    assert cnn.model_key(c.with_overrides(embed__backbone="nasnetmobile")).input_mode == "squash"
 
 
 def test_embed_contents_buckets_sizes_scales_and_postprocess(tmp_path):
@@ -73,24 +73,24 @@ def test_embed_contents_buckets_sizes_scales_and_postprocess(tmp_path):
 
     c = Config.load(None, ["embed.backbone=mobilenet-0.25", "embed.weights=none", "embed.scales=[1.0, 0.5]",
                            "embed.max_side=128", "embed.pooling=gem"]).validate()
-    model = B.load_embedding_model(em.model_key(c))
+    model = B.load_embedding_model(cnn.model_key(c))
     contents = [_jpeg(160, 120, seed=i) for i in range(5)] + [_jpeg(120, 160, seed=9), b"not an image"]
-    vectors, errors = em.embed_contents(model, contents, 4, 10**8)
+    vectors, errors = cnn.embed_contents(model, contents, 4, 10**8)
     assert errors[-1].startswith("decode failed") and all(e is None for e in errors[:-1])
     X = np.stack(vectors[:-1])
     assert X.shape == (6, model.dim) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
     # the same image alone gives the same descriptor as in a mixed batch
-    alone, _ = em.embed_contents(model, contents[5:6], 4, 10**8)
+    alone, _ = cnn.embed_contents(model, contents[5:6], 4, 10**8)
     assert np.allclose(alone[0], X[5], atol=1e-4)
     # a learned centring artifact is applied by the embed stage and changes its fingerprint
     w = whitening.fit_pca_whitening(X + 0.01, dim=X.shape[1], power=0.0)
     path = tmp_path / "w.npz"
     w.save(path)
     cw = c.with_overrides(embed__postprocess=str(path))
-    key = em.model_key(cw)
+    key = cnn.model_key(cw)
     assert key.postprocess == str(path) and key.postprocess_version == w.version
     white = B.load_embedding_model(key)
-    Y, _ = em.embed_contents(white, contents[:6], 4, 10**8)
+    Y, _ = cnn.embed_contents(white, contents[:6], 4, 10**8)
     assert np.allclose(np.stack(Y), w.apply(X), atol=1e-4)
     with pytest.raises(ConfigError, match="postprocess"):
-        em.model_key(c.with_overrides(embed__postprocess=str(tmp_path / "missing.npz")))
+        cnn.model_key(c.with_overrides(embed__postprocess=str(tmp_path / "missing.npz")))

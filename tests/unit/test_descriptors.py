@@ -1,4 +1,4 @@
-"""Pure tests of pipeline.descriptors against straightforward numpy references."""
+"""Pure tests of pipeline.core (vectors, pooling, whitening, rerank) against straightforward numpy references."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of pipeline.imageio on a generated hostile archive and on real photos from ../shared."""
+"""Tests of pipeline.core.imageio on a generated hostile archive and on real photos from ../shared."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The jobs as functions: each validates, runs its stage(s) in Spark and logs one MLflow run.
+"""Each stage as one timed step: run it, log its metrics to the active MLflow run, and return them.
 
-``jobs/*.py`` and the ``neardup`` command call exactly one of the ``*_job`` functions.
+The jobs (:mod:`pipeline.api`, :mod:`pipeline.evaluate`, :mod:`pipeline.train`) compose these
+inside their MLflow runs. Steps return text for people (reports, group listings) instead of
+printing it; the CLI prints.
 """
 from __future__ import annotations
 
@@ -11,27 +13,30 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from pipeline import schemas as S
+from pipeline.config import Config, ConfigError
+from pipeline.core import storage
+from pipeline.encoders import registry
 from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
 from pipeline.stages import index as ix
 from pipeline.stages import ingest as ing
-from pipeline import schemas as S
-from pipeline.core import storage
-from pipeline.stages import tables
-from pipeline.stages import progress, tracking
-from pipeline.config import Config, ConfigError
+from pipeline.stages import progress, tables, tracking, vocabulary
 from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
 
 
 class TooManyErrors(RuntimeError):
-    """More input files failed than ``max_error_fraction`` allows."""
+    """More input files failed than ``max_error_fraction`` allows; ``report`` says which and why."""
+
+    def __init__(self, message: str, report: str = ""):
+        super().__init__(message)
+        self.report = report
 
 
-# ------------------------------------------------------------- validation
-def validate_inputs(config: Config) -> None:
-    """Checks that need the filesystem but not Spark; run before the session starts."""
+def check_inputs(config: Config) -> None:
+    """Checks of ``ingest.input`` that need the filesystem but not Spark; run before the session starts."""
     if not config.ingest.input:
         raise ConfigError("no input: pass --input DIR (or set ingest.input)")
     for uri in config.ingest.input:
@@ -48,8 +53,8 @@ def validate_inputs(config: Config) -> None:
                 raise ConfigError(f"input folder cannot be listed: {uri} ({exc.strerror})") from exc
 
 
-# ------------------------------------------------------------------ stages
-def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+def ingest_step(spark: SparkSession, config: Config) -> tuple[dict[str, Any], str]:
+    """Ingest; returns metrics and the report text. Raises :class:`TooManyErrors` after logging."""
     metrics: dict[str, Any] = {}
     with timed("ingest", metrics), progress.spark_stage(spark, "ingest", config.progress):
         report = ing.ingest(spark, config)
@@ -64,14 +69,13 @@ def ingest_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     tracking.log_dict_artifact({"by_status": report.by_status, "top_errors": report.top_errors,
                                 "top_skipped": report.top_skipped, "changes": report.changes},
                                "ingest_report.json")
-    print(format_ingest_report(report))
+    text = format_ingest_report(report)
     if report.error_fraction > config.max_error_fraction:
         raise TooManyErrors(
             f"{report.by_status.get(S.STATUS_ERROR, 0)} of {report.total} files could not be read "
             f"({report.error_fraction:.1%} > max_error_fraction {config.max_error_fraction:.1%}); "
-            f"most common reasons: {'; '.join(f'{r} ({n})' for r, n in report.top_errors[:3])}"
-        )
-    return metrics
+            f"most common reasons: {'; '.join(f'{r} ({n})' for r, n in report.top_errors[:3])}", text)
+    return metrics, text
 
 
 def format_ingest_report(report: ing.IngestReport) -> str:
@@ -87,19 +91,18 @@ def format_ingest_report(report: ing.IngestReport) -> str:
     return "\n".join(lines)
 
 
-def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -> dict[str, Any]:
-    """``incremental=False``: embed every image again, e.g. to time the model."""
+def embed_step(spark: SparkSession, config: Config, incremental: bool = True) -> tuple[dict[str, Any], str, Config]:
+    """Embed; returns metrics, a one-line summary and the config used (it names any artifact trained here).
+
+    ``incremental=False``: embed every image again, e.g. to time the model.
+    """
     metrics: dict[str, Any] = {}
-    from pipeline.core import classical
-
-    if classical.is_classical(config.embed.backbone):
-        from pipeline.stages import classical as classical_stage
-
-        # Train (or reuse) a vocabulary before the embed timing starts.
-        config, train_metrics = classical_stage.prepare(spark, config)
-        metrics.update(train_metrics)
+    # Train (or reuse) what the encoder needs before the embed timing starts.
+    encoder, train_metrics = vocabulary.prepare(spark, registry.encoder_for(config))
+    config = encoder.config
+    metrics.update(train_metrics)
     with timed("model_load_driver", metrics):
-        metrics["embedding_dim"] = em.check_model_loads(config)
+        metrics["embedding_dim"] = encoder.preflight()
     items = _ok_images(spark, config) if progress.enabled(config.progress) else None
     with timed("embed", metrics), progress.spark_stage(spark, "embed", config.progress, items):
         counts = em.embed(spark, config, incremental)
@@ -108,11 +111,11 @@ def embed_stage(spark: SparkSession, config: Config, incremental: bool = True) -
                     "embed_errors": counts.get(S.STATUS_ERROR, 0),
                     **{f"embeddings_{change}": counts[change] for change in ("reused", "new", "changed", "deleted")},
                     "images_per_second": embedded / metrics["embed_seconds"] if metrics["embed_seconds"] else 0.0})
-    print(f"embeddings: {counts.get(S.STATUS_OK, 0)} ok, {counts.get(S.STATUS_ERROR, 0)} failed; computed "
-          f"{embedded} ({counts['new']} new, {counts['changed']} changed), reused {counts['reused']}, "
-          f"dropped {counts['deleted']}")
+    text = (f"embeddings: {counts.get(S.STATUS_OK, 0)} ok, {counts.get(S.STATUS_ERROR, 0)} failed; computed "
+            f"{embedded} ({counts['new']} new, {counts['changed']} changed), reused {counts['reused']}, "
+            f"dropped {counts['deleted']}")
     tracking.log_metrics(metrics)
-    return metrics
+    return metrics, text, config
 
 
 def _ok_images(spark: SparkSession, config: Config) -> int:
@@ -120,7 +123,7 @@ def _ok_images(spark: SparkSession, config: Config) -> int:
     return images.where(F.col(S.STATUS) == S.STATUS_OK).count()
 
 
-def index_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+def index_step(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     with timed("index", metrics), progress.spark_stage(spark, "index", config.progress):
         info = ix.build_index(spark, config)
@@ -130,7 +133,7 @@ def index_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     return metrics
 
 
-def dedup_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
+def dedup_step(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
         counts = dd.dedup(spark, config)
@@ -139,54 +142,7 @@ def dedup_stage(spark: SparkSession, config: Config) -> dict[str, Any]:
     return metrics
 
 
-# -------------------------------------------------------------------- jobs
-def ingest_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, "ingest", tags={"job": "ingest"}):
-        return ingest_stage(spark, config)
-
-
-def embed_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"embed-{storage.tag_of(config.embed.backbone)}", tags={"job": "embed"}):
-        return embed_stage(spark, config)
-
-
-def index_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"index-{storage.tag_of(config.embed.backbone)}", tags={"job": "index"}):
-        return index_stage(spark, config)
-
-
-def dedup_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    with tracking.mlflow_run(config, f"dedup-{storage.tag_of(config.embed.backbone)}", tags={"job": "dedup"}):
-        metrics = dedup_stage(spark, config)
-        print_groups(spark, config)
-        return metrics
-
-
-def run_job(spark: SparkSession, config: Config) -> dict[str, Any]:
-    """ingest -> embed -> index -> dedup, one MLflow run with every stage's metrics."""
-    with tracking.mlflow_run(config, f"run-{storage.tag_of(config.embed.backbone)}", tags={"job": "run"}) as run:
-        metrics: dict[str, Any] = {}
-        metrics.update(ingest_stage(spark, config))
-        metrics.update(embed_stage(spark, config))
-        metrics.update(index_stage(spark, config))
-        metrics.update(dedup_stage(spark, config))
-        print_groups(spark, config)
-        metrics["mlflow_run_id"] = run.info.run_id
-        return metrics
-
-
-def report_job(spark: SparkSession, config: Config, out: str | None = None):
-    """Write the HTML report of the workdir's groups; prints and returns its file:// URL."""
-    from pipeline.report.build import build_report
-
-    result = build_report(spark, config, out, progress=progress.Bar(config.progress))
-    print(f"report: {result.groups} groups, {result.images_to_remove} images proposed for removal, "
-          f"{result.pages} pages")
-    print(f"open {result.url}")
-    return result
-
-
-def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:
+def format_groups(spark: SparkSession, config: Config, limit: int = 20) -> str:
     """A short, human-readable view of the groups; the full tables are in the workdir."""
     workdir = storage.Workdir.of(config.workdir)
     groups = tables.read_table(spark, workdir.groups(config.embed.backbone), "groups table")
@@ -194,6 +150,7 @@ def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:
     rows = (groups.join(images, S.IMAGE_ID)
             .orderBy(F.desc(S.GROUP_SIZE), S.GROUP_ID, F.desc(S.KEEP), S.PATH)
             .limit(limit * 10).collect())
+    lines = []
     shown = 0
     current = None
     for r in rows:
@@ -202,7 +159,9 @@ def print_groups(spark: SparkSession, config: Config, limit: int = 20) -> None:
                 break
             current = r[S.GROUP_ID]
             shown += 1
-            print(f"group {r[S.GROUP_ID]} ({r[S.GROUP_SIZE]} images)")
+            lines.append(f"group {r[S.GROUP_ID]} ({r[S.GROUP_SIZE]} images)")
         mark = "keep  " if r[S.KEEP] else "remove"
-        print(f"  {mark} {r[S.WIDTH]}x{r[S.HEIGHT]}  {r[S.PATH]!r}")
-    print(f"tables: {workdir.pairs(config.embed.backbone)}, {workdir.groups(config.embed.backbone)}")
+        # repr(): names from the archive are shown as data, control characters escaped.
+        lines.append(f"  {mark} {r[S.WIDTH]}x{r[S.HEIGHT]}  {r[S.PATH]!r}")
+    lines.append(f"tables: {workdir.pairs(config.embed.backbone)}, {workdir.groups(config.embed.backbone)}")
+    return "\n".join(lines)
