@@ -35,10 +35,11 @@ def task_fraction(spark, group: str) -> tuple[int, int]:
         job = tracker.getJobInfo(job_id)
         if job is None:
             continue
+        finished = str(job.status) == "SUCCEEDED"  # its skipped stages (shuffle reuse) count as done
         for stage_id in job.stageIds:
             stage = tracker.getStageInfo(stage_id)
             if stage is not None:
-                done += stage.numCompletedTasks
+                done += stage.numTasks if finished else stage.numCompletedTasks
                 total += stage.numTasks
     return done, total
 
@@ -54,13 +55,14 @@ class Bar:
     def start(self, name: str, total: int | None) -> None:
         if not self.on:
             return
+        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
         self._progress = Progress(TextColumn("[bold]{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                  TimeRemainingColumn(), transient=False, redirect_stdout=False,
-                                  redirect_stderr=False)
+                                  TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                                  redirect_stdout=False, redirect_stderr=False)
         self._progress.start()
         self._task = self._progress.add_task(name, total=total, rate="")
 
@@ -86,10 +88,13 @@ class Bar:
 
 
 @contextlib.contextmanager
-def spark_stage(spark, name: str, mode: str = "auto", items: int | None = None) -> Iterator[None]:
-    """Show ``name``'s progress while the block runs Spark jobs (items estimated from tasks)."""
+def spark_stage(spark, name: str, mode: str = "auto", items: int | None = None) -> Iterator[str | None]:
+    """Show ``name``'s progress while the block runs Spark jobs (items estimated from tasks).
+
+    Yields the Spark job group the block's jobs run under (None when progress is off).
+    """
     if not enabled(mode):
-        yield
+        yield None
         return
     sc = spark.sparkContext
     group = f"neardup-{name}-{uuid.uuid4().hex[:8]}"
@@ -100,19 +105,22 @@ def spark_stage(spark, name: str, mode: str = "auto", items: int | None = None) 
 
     def poll() -> None:
         while not stop.wait(POLL_SECONDS):
-            done, total = task_fraction(spark, group)
-            if items is not None:
-                bar.update(items * done / total if total else 0)
-            else:
-                bar.update(done, total or None)
+            show(*task_fraction(spark, group))
+
+    def show(done: int, total: int) -> None:
+        if items is not None:
+            bar.update(items * done / total if total else 0)
+        else:
+            bar.update(done, total or None)
 
     thread = threading.Thread(target=poll, name=f"progress-{name}", daemon=True)
     thread.start()
     try:
-        yield
+        yield group
     finally:
         stop.set()
         thread.join()
+        show(*task_fraction(spark, group))
         bar.finish()
         sc.setLocalProperty("spark.jobGroup.id", None)
         sc.setLocalProperty("spark.job.description", None)
