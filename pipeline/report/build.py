@@ -72,12 +72,14 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
             if m.image_id not in failed_thumbs:
                 m.thumb = f"{THUMBS}/{thumbnails.thumbnail_name(m.image_id)}"
 
+    root = pages.shorten_paths(groups)
     histogram, note = data.histogram_of(spark, t)
     threshold = t.pairs_meta.get("threshold", config.dedup.threshold)
     plot.similarity_histogram_png(histogram, threshold, os.path.join(staging, "similarity.png"))
     run = data.find_dedup_run(config)
     summary = {
         "title": "neardup report",
+        "root": root,
         "workdir": storage.Workdir.of(config.workdir).root,
         "method": config.embed.backbone,
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -36,6 +36,7 @@ class Member:
     # other images), cosine of the two embeddings; None: unknown.
     similarity_source: str | None
     thumb: str | None = None  # relative URL of the thumbnail, None when it could not be made
+    shown_path: str | None = None  # the path relative to the archive root (the full one is a tooltip)
 
 
 @dataclass
@@ -63,10 +64,29 @@ def build_groups(rows: Iterable[dict[str, Any]]) -> list[Group]:
     groups: dict[str, Group] = {}
     for r in rows:
         g = groups.setdefault(r["group_id"], Group(r["group_id"]))
-        g.members.append(Member(**{k: r.get(k) for k in Member.__dataclass_fields__ if k != "thumb"}))
+        g.members.append(Member(**{k: r.get(k) for k in Member.__dataclass_fields__
+                                   if k not in ("thumb", "shown_path")}))
     for g in groups.values():
         g.members.sort(key=lambda m: (not m.keep, -(m.similarity if m.similarity is not None else -2.0), m.path))
     return list(groups.values())
+
+
+def archive_root(paths: Sequence[str]) -> str:
+    """The deepest folder holding every path ("" when they share none, e.g. different URIs)."""
+    absolute = [p for p in paths if p.startswith("/")]
+    if not absolute or len(absolute) != len(paths):
+        return ""
+    root = os.path.commonpath(absolute)
+    return root if root not in absolute else os.path.dirname(root)
+
+
+def shorten_paths(groups: Sequence[Group]) -> str:
+    """Set each member's ``shown_path`` relative to the archive root; returns that root."""
+    root = archive_root([m.path for g in groups for m in g.members])
+    for g in groups:
+        for m in g.members:
+            m.shown_path = os.path.relpath(m.path, root) if root else m.path
+    return root
 
 
 def order_groups(groups: Sequence[Group], order: str) -> list[Group]:
@@ -135,7 +155,7 @@ def render_site(out_dir: str, summary: dict[str, Any], groups: Sequence[Group], 
                 per_page: int) -> dict[str, int]:
     """Write index.html, the group pages of every order, the failed-file pages and style.css."""
     env = environment()
-    common = {"title": summary["title"], "orders": ORDERS,
+    common = {"title": summary["title"], "orders": ORDERS, "root": summary.get("root", ""),
               "failed_first": failed_page_name(1), "group_first": {o: group_page_name(o, 1) for o in ORDERS}}
     shutil.copyfile(os.path.join(TEMPLATES, "style.css"), os.path.join(out_dir, "style.css"))
     _write(os.path.join(out_dir, "index.html"), env.get_template("summary.html").render(**common, s=summary))
