@@ -19,6 +19,7 @@ from pipeline.stages import index as ix
 from pipeline.core import storage
 from pipeline.stages import tables
 from pipeline import api
+from pipeline.encoders import registry
 from pipeline.config import Config, ConfigError
 from tests.helpers import make_config, shared_path
 
@@ -156,7 +157,7 @@ def test_train_job_writes_a_versioned_artifact(spark, evaluated, data):
 
 def test_config_accepts_classical_names_and_rejects_bad_ones(tmp_path):
     cfg = api.validate(Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-ssr"]))
-    assert classical.expand_methods(["all-classical", "mobilenet", "phash"]) == [*classical.CLASSICAL_METHODS,
+    assert registry.expand_names(["all-classical", "mobilenet", "phash"]) == [*classical.CLASSICAL_METHODS,
                                                                                 "mobilenet"]
     with pytest.raises(ConfigError, match="unknown backbone"):
         api.validate(Config.load(None, [f"workdir={tmp_path}", "embed.backbone=vlad-sss"]))

@@ -20,10 +20,10 @@ image yields no keypoint), to be searched by inner product.
 """
 from pipeline.core.classical.base import ENCODING_VERSION, Artifact, ClassicalMethod
 from pipeline.core.classical.registry import (_ENCODE_TIME_OPTIONS, ALL_CLASSICAL, CLASSICAL_METHODS, MethodSpec,
-                                              expand_methods, get_method, is_binary_method, is_classical,
+                                              get_method, is_classical,
                                               load_method_file)
 from pipeline.core.classical.sift import LocalDescriptorMethod
 
 __all__ = ["ALL_CLASSICAL", "CLASSICAL_METHODS", "ENCODING_VERSION", "Artifact", "ClassicalMethod",
-           "LocalDescriptorMethod", "MethodSpec", "_ENCODE_TIME_OPTIONS", "expand_methods", "get_method",
-           "is_binary_method", "is_classical", "load_method_file"]
+           "LocalDescriptorMethod", "MethodSpec", "_ENCODE_TIME_OPTIONS", "get_method", "is_classical",
+           "load_method_file"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 
 
@@ -112,21 +112,6 @@ ALL_CLASSICAL = "all-classical"
 def is_classical(name: str) -> bool:
     """Whether ``name`` is a classical method (rather than a CNN backbone or a .keras file)."""
     return name in CLASSICAL_METHODS
-
-
-def is_binary_method(name: str) -> bool:
-    """Whether ``name`` is a perceptual hash: bit vectors, Hamming distance."""
-    return name in CLASSICAL_METHODS and CLASSICAL_METHODS[name].family == "hash"
-
-
-def expand_methods(names: Iterable[str]) -> list[str]:
-    """Expand ``all-classical`` into every classical method (registry order), dropping repeats."""
-    out: list[str] = []
-    for name in names:
-        for n in (list(CLASSICAL_METHODS) if name == ALL_CLASSICAL else [name]):
-            if n not in out:
-                out.append(n)
-    return out
 
 
 _FAMILY_CLASSES: dict[str, type[ClassicalMethod]] = {
