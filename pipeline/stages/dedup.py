@@ -142,10 +142,11 @@ def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[
     pairs = pairs.join(banned, [S.IMAGE_ID_A, S.IMAGE_ID_B], "left_anti")
     comps = connected_components(pairs).localCheckpoint()
     # Renamed copies, not one frame joined twice: Spark mis-resolves such self-joins.
-    la = comps.select(F.col(S.IMAGE_ID).alias("na"), F.col(S.GROUP_ID).alias("ga"))
-    lb = comps.select(F.col(S.IMAGE_ID).alias("nb"), F.col(S.GROUP_ID).alias("gb"))
-    violated = (banned.join(la, banned[S.IMAGE_ID_A] == la.na).join(lb, banned[S.IMAGE_ID_B] == lb.nb)
-                .where(F.col("ga") == F.col("gb")).select(F.col("ga").alias("g")).distinct().collect())
+    la = comps.select(F.col(S.IMAGE_ID).alias("node_a"), F.col(S.GROUP_ID).alias("group_a"))
+    lb = comps.select(F.col(S.IMAGE_ID).alias("node_b"), F.col(S.GROUP_ID).alias("group_b"))
+    violated = (banned.join(la, F.col(S.IMAGE_ID_A) == F.col("node_a"))
+                .join(lb, F.col(S.IMAGE_ID_B) == F.col("node_b"))
+                .where(F.col("group_a") == F.col("group_b")).select(F.col("group_a").alias("g")).distinct().collect())
     bad = [r["g"] for r in violated]
     if not bad:
         return comps, 0

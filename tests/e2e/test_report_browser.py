@@ -98,6 +98,14 @@ def test_summary_counts_plot_and_mlflow(browser, report, demo_run):
     plot = page.locator("img.plot")
     assert plot.evaluate("img => img.naturalWidth") >= 600  # the matplotlib histogram, really drawn
     page.close()
+    # The report is an artifact of its own MLflow run, stored inside the workdir.
+    import mlflow
+
+    run = mlflow.get_run(report.mlflow_run_id)
+    assert run.data.tags["source_run"] == metrics["mlflow_run_id"]
+    local = mlflow.artifacts.download_artifacts(run_id=report.mlflow_run_id, artifact_path="report/index.html")
+    assert open(local, encoding="utf-8").read() == open(report.index, encoding="utf-8").read()
+    assert run.info.artifact_uri.startswith(Path(demo_run[1].workdir).resolve().as_uri())
 
 
 def test_pagination_and_sorting_links(browser, report):
