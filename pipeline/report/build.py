@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import schemas as S
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.core import storage
 from pipeline.report import data, pages, plot
 from pipeline.stages import thumbnails, tracking
@@ -20,6 +20,7 @@ from pipeline.stages import thumbnails, tracking
 log = logging.getLogger(__name__)
 
 THUMBS = "thumbs"
+MARKER = ".neardup-report"  # marks a folder this job wrote, so replacing it can never hit other files
 
 
 @dataclass
@@ -51,9 +52,14 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
     stylesheet) is inside it, so it opens from ``file://`` and can be zipped and mailed.
     """
     out_dir = os.path.abspath(out or config.report.out or default_out_dir(config))
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
+        raise ConfigError(f"report.out {out_dir} is a folder that holds other files; the report replaces its "
+                          "folder whole, so give a new or empty folder (or a previous report's)")
     staging = out_dir.rstrip("/") + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, THUMBS))
+    with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as fh:
+        fh.write("written by neardup report; the whole folder is replaced by the next report\n")
     t = data.load(spark, config)
 
     in_groups = t.images.join(t.groups.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")

@@ -65,3 +65,18 @@ def test_render_site_pages_bounded_and_escaped(tmp_path):
     first = (tmp_path / "groups-size-0001.html").read_text(encoding="utf-8")
     assert len(re.findall(r'<section class="group"', first)) == 50
     assert 'href="groups-size-0002.html"' in first and 'href="groups-doubt-0001.html"' in first
+
+
+def test_report_never_replaces_a_folder_it_did_not_write(tmp_path):
+    import pytest
+
+    from pipeline.config import Config, ConfigError
+    from pipeline.report.build import build_report
+
+    precious = tmp_path / "Documents"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    config = Config.load(None, [f"workdir={tmp_path / 'work'}"])
+    with pytest.raises(ConfigError, match="holds other files"):
+        build_report(None, config, str(precious))  # refused before any Spark work
+    assert (precious / "thesis.tex").read_text() == "years of work"
