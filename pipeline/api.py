@@ -19,20 +19,25 @@ from typing import Any, Iterator, Sequence
 
 from pyspark.sql import SparkSession
 
+from pipeline import apply as apply_job
+from pipeline.apply import ApplyResult
 from pipeline.config import Config
 from pipeline.core import storage
 from pipeline.encoders import registry
 from pipeline.evaluate import study
-from pipeline.stages import steps, tracking
+from pipeline.report import build as report_build
+from pipeline.report.build import ReportResult
+from pipeline.stages import progress, steps, tracking
 from pipeline.stages.session import spark_session
 from pipeline.stages.steps import TooManyErrors
 from pipeline.train import classical as train_classical
 from pipeline.train import cnn as train_cnn
 
-__all__ = ["EvaluateResult", "JobResult", "TooManyErrors", "TrainResult", "dedup", "embed", "evaluate",
-           "index", "ingest", "make_config", "preflight", "run", "train", "validate"]
+__all__ = ["ApplyResult", "EvaluateResult", "JobResult", "ReportResult", "TooManyErrors", "TrainResult", "apply",
+           "dedup", "embed", "evaluate", "index", "ingest", "make_config", "preflight", "report", "run", "train",
+           "validate"]
 
-JOBS = ("ingest", "embed", "index", "dedup", "evaluate", "train", "run")
+JOBS = ("ingest", "embed", "index", "dedup", "evaluate", "train", "run", "report", "apply")
 
 
 @dataclass
@@ -388,3 +393,63 @@ def train(input: str | Sequence[str] | None = None, workdir: str | None = None, 
             artifact, version = out["artifact"], out["version"]
     report = out.pop("report", "")
     return TrainResult("train", out, {}, out.get("mlflow_run_id"), report, cfg, artifact=artifact, version=version)
+
+
+def report(workdir: str | None = None, *, backbone: str | None = None, out: str | None = None,
+           config: Config | None = None, conf: str | None = None, spark: SparkSession | None = None,
+           **settings: Any) -> ReportResult:
+    """Write the static HTML review report of a workdir's groups and log it to MLflow.
+
+    Parameters
+    ----------
+    workdir, backbone
+        The groups to show (``dedup`` or ``run`` must have written them).
+    out : str
+        The report folder (``report.out``; default ``<workdir>/report``). Replaced whole.
+    config, conf, spark, **settings
+        As for :func:`ingest`; ``report__groups_per_page``, ``report__thumb_px`` ...
+
+    Returns
+    -------
+    ReportResult
+        ``url`` (file:// of index.html), ``out_dir``, ``groups``, ``images_to_remove``,
+        ``thumbnails``, ``pages``, ``mlflow_run_id``; ``report``: what the CLI prints.
+    """
+    cfg = preflight("report", make_config(config, conf, workdir=workdir, embed__backbone=backbone,
+                                          report__out=out, **settings))
+    with _spark(cfg, spark) as session:
+        return report_build.build_report(session, cfg, progress=progress.Bar(cfg.progress))
+
+
+def apply(workdir: str | None = None, *, mode: str | None = None, target: str | None = None,
+          execute: bool | None = None, undo: str | None = None, backbone: str | None = None,
+          config: Config | None = None, conf: str | None = None, **settings: Any) -> ApplyResult:
+    """Turn the keep decisions into file actions: a dry run (plan CSV) unless ``execute``. Never deletes.
+
+    Parameters
+    ----------
+    workdir, backbone
+        The groups to act on.
+    mode : str
+        ``report`` (plan only), ``move`` (to the ``target`` quarantine folder, relative paths
+        kept), ``hardlink`` or ``symlink`` (the duplicate replaced by a link to the kept file,
+        its bytes moved to ``target``).
+    target : str
+        The quarantine folder; the plan CSV and the journal are written there.
+    execute : bool
+        Act (journaled). Files whose size or SHA-256 changed since ingest are refused.
+    undo : str
+        A journal of an earlier execution: restore everything it did, instead.
+    config, conf, **settings
+        As for :func:`ingest`. No Spark: the tables are read from Parquet directly.
+
+    Returns
+    -------
+    ApplyResult
+        ``planned``, ``planned_bytes``, ``plan_csv``, ``journal``, ``done``, ``done_bytes``, ``refused``
+        (reason -> count); ``report``: what the CLI prints.
+    """
+    cfg = preflight("apply", make_config(config, conf, workdir=workdir, embed__backbone=backbone,
+                                         apply__mode=mode, apply__target=target, apply__execute=execute,
+                                         apply__undo=undo, **settings))
+    return apply_job.apply(cfg)

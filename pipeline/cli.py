@@ -51,6 +51,14 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--output": ("train.output", {}),
         "--method": ("embed.backbone", {}),
     },
+    "report": {"--backbone": ("embed.backbone", {}), "--out": ("report.out", {})},
+    "apply": {
+        "--backbone": ("embed.backbone", {}),
+        "--mode": ("apply.mode", {"choices": ["report", "move", "hardlink", "symlink"]}),
+        "--target": ("apply.target", {}),
+        "--execute": ("apply.execute", {"action": "store_true"}),
+        "--undo": ("apply.undo", {"metavar": "JOURNAL"}),
+    },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
         **BACKBONE,
@@ -65,6 +73,8 @@ HELP = {
     "dedup": "search all images against the index; write pairs and groups",
     "evaluate": "score backbones and classical methods on UKBench or Holidays",
     "train": "learn the embedding post-processing (PCA-whitening) on another collection via petastorm, or with --method a classical method's vocabulary / GMM",
+    "report": "write the static HTML review report (groups as thumbnails, failed files) and log it to MLflow",
+    "apply": "turn the keep decisions into file actions: dry run by default, journaled, undoable, never deletes",
     "run": "ingest, embed, index and dedup in one go",
 }
 

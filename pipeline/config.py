@@ -122,6 +122,30 @@ class DedupSettings:
 
     # Perceptual hashes only: pairs within this many differing bits (overrides threshold for them).
     hamming_bits: int | None = None
+    # Which image of a group is kept (pipeline.core.grouping.keep_order_key): pixels | largest |
+    # oldest | newest; files under keep_folders win first (earlier folders first).
+    keep: str = "pixels"
+    keep_folders: list[str] = field(default_factory=list)
+    # CSV of image pairs (paths or image ids) a person declared not duplicates: never grouped.
+    not_duplicates: str | None = None
+
+
+@dataclass
+class ReportSettings:
+    # Folder of the static HTML report (default <workdir>/report).
+    out: str | None = None
+    groups_per_page: int = 50
+    thumb_px: int = 160  # longest thumbnail side
+    thumb_quality: int = 80
+
+
+@dataclass
+class ApplySettings:
+    mode: str = "report"  # report | move | hardlink | symlink
+    # move: the quarantine folder (relative paths kept under it); journals and plans go here too.
+    target: str | None = None
+    execute: bool = False  # false: dry run (plan only)
+    undo: str | None = None  # a journal to roll back instead
 
 
 @dataclass
@@ -192,7 +216,11 @@ class Config:
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     classical: ClassicalSettings = field(default_factory=ClassicalSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+    apply: ApplySettings = field(default_factory=ApplySettings)
     max_error_fraction: float = 0.05
+    # Per-stage progress bars: auto (only on a terminal) | always | never.
+    progress: str = "auto"
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -266,6 +294,7 @@ class Config:
         validate_descriptor_options(self)
         if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
             raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
+        validate_review_options(self)
         if self.evaluate.dataset not in ("ukbench", "holidays"):
             raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
         return self
@@ -350,6 +379,31 @@ def parse_memory(text: str | int) -> int:
     if not match:
         raise ValueError(f"cannot read a memory size from {text!r} (examples: 512m, 4g)")
     return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2)])
+
+
+KEEP_POLICIES = ("pixels", "largest", "oldest", "newest")
+APPLY_MODES = ("report", "move", "hardlink", "symlink")
+
+
+def validate_review_options(config: "Config") -> None:
+    """dedup decisions, report and apply settings (issue 12)."""
+    d, r, a = config.dedup, config.report, config.apply
+    if d.keep not in KEEP_POLICIES:
+        raise ConfigError(f"dedup.keep must be one of {', '.join(KEEP_POLICIES)}, got {d.keep!r}")
+    d.keep_folders = [f if "://" in f else os.path.abspath(os.path.expanduser(f)) for f in d.keep_folders]
+    if d.not_duplicates is not None:
+        if not os.path.isfile(d.not_duplicates):
+            raise ConfigError(f"dedup.not_duplicates: file not found: {d.not_duplicates!r}")
+        d.not_duplicates = os.path.abspath(d.not_duplicates)
+    if not 1 <= r.groups_per_page <= 1000:
+        raise ConfigError(f"report.groups_per_page must be in [1, 1000], got {r.groups_per_page!r}")
+    if not 32 <= r.thumb_px <= 1024 or not 1 <= r.thumb_quality <= 95:
+        raise ConfigError(f"report.thumb_px must be in [32, 1024] and report.thumb_quality in [1, 95], "
+                          f"got {r.thumb_px!r}, {r.thumb_quality!r}")
+    if a.mode not in APPLY_MODES:
+        raise ConfigError(f"apply.mode must be one of {', '.join(APPLY_MODES)}, got {a.mode!r}")
+    if config.progress not in ("auto", "always", "never"):
+        raise ConfigError(f"progress must be auto, always or never, got {config.progress!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

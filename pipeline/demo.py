@@ -126,7 +126,9 @@ def run_demo(workdir: str, master: str | None = None) -> DemoResult:
         lines.append(f"missed pairs ({len(missed)}), e.g.: " + ", ".join(f"{a} ~ {b}" for a, b in missed[:5]))
     lines.append(f"outputs: {workdir_path}/ (images, embeddings, index, pairs, groups)")
     lines.append(f"MLflow: mlflow ui --backend-store-uri {result.config.tracking_uri()}   (run {result.mlflow_run_id})")
-    return DemoResult(result.metrics, precision, recall, len(missed), "\n".join(lines))
+    report = api.report(config=result.config)
+    lines.append(f"report (opens in any browser, no server): {report.url}")
+    return DemoResult(result.metrics, precision, recall, len(missed), "\n".join(lines), report.url)
 
 
 @dataclass
@@ -138,3 +140,4 @@ class DemoResult:
     recall: float
     missed: int
     report: str
+    report_url: str = ""

@@ -65,3 +65,30 @@ def demo_corpus(tmp_path_factory):
     truth = make_demo_corpus(root)
     return root, truth
 
+
+
+# A file name from a hostile archive: it must be shown as text in the report, never run.
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
+
+
+@pytest.fixture(scope="session")
+def demo_run(spark, demo_corpus, tmp_path_factory):
+    """A real `run` (ingest -> embed -> index -> dedup) over a copy of the demo corpus.
+
+    The copy holds one extra file with a hostile name (a copy of an original photo), so the
+    report tests see markup in a path. The archive is a copy so `apply` tests may act on it
+    (they undo what they do). Returns (archive, config, metrics).
+    """
+    from pipeline import api
+    from tests.helpers import make_config
+
+    corpus, _ = demo_corpus
+    base = tmp_path_factory.mktemp("demo-run")
+    archive = base / "archive"
+    shutil.copytree(corpus, archive)
+    shutil.copyfile(archive / "astronaut" / "astronaut.jpg", archive / "astronaut" / HOSTILE_NAME)
+    # Rotated queries and DBA off: they cost two more embedding passes and change nothing here.
+    config = make_config(base / "work", ingest__input=[str(archive)], report__groups_per_page=3,
+                         progress="never", dedup__rotations=[0], dedup__dba_k=0)
+    result = api.run(config=config, spark=spark)
+    return archive, result.config, result.metrics

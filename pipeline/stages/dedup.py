@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Sequence
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipeline import schemas as S
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.core import grouping as G
 from pipeline.core import storage
 from pipeline.encoders import registry
 from pipeline.stages import index as ix
@@ -31,13 +33,37 @@ def pairs_from_neighbors(neighbors: DataFrame, threshold: float) -> DataFrame:
     )
 
 
-def groups_with_keep(components: DataFrame, images: DataFrame) -> DataFrame:
-    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.core.grouping`."""
-    info = images.select(S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES)
+def keep_order(policy: str = "pixels", keep_folders: Sequence[str] = ()) -> list[Column]:
+    """Sort columns of the keep policy; the Spark twin of :func:`pipeline.core.grouping.keep_order_key`."""
     pixels = F.coalesce(F.col(S.WIDTH), F.lit(0)).cast("long") * F.coalesce(F.col(S.HEIGHT), F.lit(0)).cast("long")
+    rank = F.lit(len(keep_folders))
+    for i, folder in reversed(list(enumerate(keep_folders))):
+        rank = F.when(F.col(S.PATH).startswith(folder.rstrip("/") + "/"), F.lit(i)).otherwise(rank)
+    order = [rank.asc()]
+    if policy == "pixels":
+        lossless = F.when(F.upper(F.coalesce(F.col(S.FORMAT), F.lit(""))).isin(*sorted(G.LOSSY_FORMATS)), 0).otherwise(1)
+        order += [pixels.desc(), lossless.asc(), F.col(S.MODIFICATION_TIME).asc_nulls_last()]
+    elif policy == "largest":
+        order += [F.col(S.SIZE_BYTES).desc(), pixels.desc()]
+    elif policy == "oldest":
+        order += [F.col(S.MODIFICATION_TIME).asc_nulls_last()]
+    elif policy == "newest":
+        order += [F.col(S.MODIFICATION_TIME).desc_nulls_last()]
+    else:
+        raise ValueError(f"unknown keep policy {policy!r}; one of {', '.join(G.KEEP_POLICIES)}")
+    return order + [F.col(S.PATH).asc()]
+
+
+def groups_with_keep(components: DataFrame, images: DataFrame, policy: str = "pixels",
+                     keep_folders: Sequence[str] = ()) -> DataFrame:
+    """Attach the keep decision: one image per group, by the policy in :mod:`pipeline.core.grouping`."""
+    info = images.select(*[c for c in (S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES, S.FORMAT,
+                                       S.MODIFICATION_TIME) if c in images.columns])
+    for name, typ in ((S.FORMAT, "string"), (S.MODIFICATION_TIME, "timestamp")):
+        if name not in info.columns:
+            info = info.withColumn(name, F.lit(None).cast(typ))
     by_group = Window.partitionBy(S.GROUP_ID)
-    ranked = Window.partitionBy(S.GROUP_ID).orderBy(pixels.desc(), F.col(S.SIZE_BYTES).desc(), F.col(S.PATH).asc(),
-                                                    F.col(S.IMAGE_ID).asc())
+    ranked = Window.partitionBy(S.GROUP_ID).orderBy(*keep_order(policy, keep_folders), F.col(S.IMAGE_ID).asc())
     return (
         components.join(info, S.IMAGE_ID)
         .withColumn(S.GROUP_SIZE, F.count(F.lit(1)).over(by_group))
@@ -46,28 +72,137 @@ def groups_with_keep(components: DataFrame, images: DataFrame) -> DataFrame:
     )
 
 
+HISTOGRAM_BINS = 200  # similarity histogram over [-1, 1] in steps of 0.01
+
+
+def similarity_histogram(candidates: DataFrame) -> dict[str, int]:
+    """Counts of candidate-pair similarities per 0.01 bin (key: the bin's lower edge, e.g. "0.87")."""
+    width = 2.0 / HISTOGRAM_BINS
+    bin_no = F.least(F.floor((F.col(S.SIMILARITY) + 1.0) / width), F.lit(HISTOGRAM_BINS - 1)).cast("int")
+    rows = candidates.groupBy(bin_no.alias("bin")).count().collect()
+    return {f"{-1.0 + r['bin'] * width:.2f}": int(r["count"]) for r in sorted(rows, key=lambda r: r["bin"])}
+
+
+def read_not_duplicates(path: str) -> list[tuple[str, str]]:
+    """The ``dedup.not_duplicates`` CSV: two cells per row, image paths or image ids.
+
+    Lines starting with ``#`` and a header row (``a,b``, ``path_a,path_b``, ``image_id_a,image_id_b``)
+    are ignored; a relative path is taken relative to the CSV file's folder.
+    """
+    import csv
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.reader(fh):
+            cells = [c.strip() for c in row]
+            if not cells or not any(cells) or cells[0].startswith("#"):
+                continue
+            if len(cells) != 2:
+                raise ConfigError(f"dedup.not_duplicates {path}: expected two cells per row, got {row!r}")
+            if tuple(c.lower() for c in cells) in (("a", "b"), ("path_a", "path_b"), ("image_id_a", "image_id_b")):
+                continue
+            out.append(tuple(c if os.path.isabs(c) or not os.path.exists(os.path.join(folder, c))
+                             else os.path.abspath(os.path.join(folder, c)) for c in cells))
+    return out
+
+
+def resolve_not_duplicates(spark: SparkSession, entries: list[tuple[str, str]],
+                           images: DataFrame) -> tuple[list[tuple[str, str]], int]:
+    """Image id pairs for the declared rows, and how many rows named an unknown image."""
+    if not entries:
+        return [], 0
+    values = spark.createDataFrame(sorted({v for pair in entries for v in pair}), "string").toDF("value")
+    ids = images.select(S.IMAGE_ID, S.PATH)
+    by_id = values.join(ids, values.value == ids[S.IMAGE_ID]).select("value", S.IMAGE_ID)
+    by_path = values.join(ids, values.value == ids[S.PATH]).select("value", S.IMAGE_ID)
+    id_of = {r["value"]: r[S.IMAGE_ID] for r in by_path.union(by_id).collect()}
+    pairs, unmatched = [], 0
+    for a, b in entries:
+        if a in id_of and b in id_of:
+            pairs.append(G.unordered(id_of[a], id_of[b]))
+        else:
+            unmatched += 1
+            log.warning("dedup.not_duplicates: no image for %r", a if a not in id_of else b)
+    return sorted(set(pairs)), unmatched
+
+
+def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[tuple[str, str]],
+                         checkpoint_dir: str | None = None) -> tuple[DataFrame, int]:
+    """Connected components in which no declared "not duplicates" pair shares a group.
+
+    The declared pairs' edges are dropped before the components. Components that still hold a
+    declared pair (joined through a chain of other images) are split on the driver by
+    :func:`pipeline.core.grouping.components_with_cannot_link` (weakest links cut first);
+    such components are few and small, the rest stay in Spark. Returns (components, split count).
+    """
+    if not forbidden:
+        return connected_components(pairs, checkpoint_dir=checkpoint_dir), 0
+    banned = spark.createDataFrame(forbidden, f"{S.IMAGE_ID_A} string, {S.IMAGE_ID_B} string")
+    pairs = pairs.join(banned, [S.IMAGE_ID_A, S.IMAGE_ID_B], "left_anti")
+    comps = connected_components(pairs, checkpoint_dir=checkpoint_dir).localCheckpoint()
+    # Renamed copies, not one frame joined twice: Spark mis-resolves such self-joins.
+    la = comps.select(F.col(S.IMAGE_ID).alias("node_a"), F.col(S.GROUP_ID).alias("group_a"))
+    lb = comps.select(F.col(S.IMAGE_ID).alias("node_b"), F.col(S.GROUP_ID).alias("group_b"))
+    violated = (banned.join(la, F.col(S.IMAGE_ID_A) == F.col("node_a"))
+                .join(lb, F.col(S.IMAGE_ID_B) == F.col("node_b"))
+                .where(F.col("group_a") == F.col("group_b")).select(F.col("group_a").alias("g")).distinct().collect())
+    bad = [r["g"] for r in violated]
+    if not bad:
+        return comps, 0
+    affected = comps.where(F.col(S.GROUP_ID).isin(bad)).select(S.IMAGE_ID)
+    edges = (pairs.join(affected.withColumnRenamed(S.IMAGE_ID, S.IMAGE_ID_A), S.IMAGE_ID_A, "left_semi")
+             .collect())
+    split = G.components_with_cannot_link(((r[S.IMAGE_ID_A], r[S.IMAGE_ID_B], r[S.SIMILARITY]) for r in edges),
+                                          forbidden)
+    fixed = spark.createDataFrame(sorted(split.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string")
+    return comps.where(~F.col(S.GROUP_ID).isin(bad)).unionByName(fixed), len(bad)
+
+
 def dedup(spark: SparkSession, config: Config) -> dict:
-    """Write the pairs and groups tables for ``config.embed.backbone``; returns counts."""
+    """Write the pairs and groups tables for ``config.embed.backbone``; returns counts.
+
+    The pairs table is what the model found (above the threshold); the groups apply the
+    person's decisions on top (``dedup.not_duplicates``, ``dedup.keep``, ``dedup.keep_folders``).
+    """
+    from pyspark import StorageLevel
+
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
-    neighbors = search_neighbors(spark, config, config.dedup.k + 1)  # +1: the query finds itself
+    d = config.dedup
+    neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
     metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
     threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
-    pairs = pairs_from_neighbors(neighbors, threshold)
-    tables.write_table(pairs, workdir.pairs(method))
+    # Every kNN candidate pair, kept for the similarity histogram of the report (where the
+    # threshold falls in the distribution), then thresholded into the pairs table.
+    candidates = pairs_from_neighbors(neighbors, -1.0).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        histogram = similarity_histogram(candidates)
+        tables.write_table(candidates.where(F.col(S.SIMILARITY) >= threshold), workdir.pairs(method),
+                           metadata={"threshold": threshold, "metric": metric, "k": d.k, "histogram": histogram})
+    finally:
+        candidates.unpersist()
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
     scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
     try:
-        components = connected_components(pairs, checkpoint_dir=scratch)
         if tables.is_committed(spark, workdir.images):
             images = tables.read_table(spark, workdir.images, "image table")
         else:
             # An embedding table computed elsewhere: no sizes to choose by, keep the smallest id.
             log.warning("no image table at %s: each group keeps its smallest image id", workdir.images)
+            images = None
+        declared = read_not_duplicates(d.not_duplicates) if d.not_duplicates and images is not None else []
+        forbidden, unmatched = resolve_not_duplicates(spark, declared, images)
+        components, split = components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
+        if images is None:
             images = components.select(S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
                                        *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])
-        tables.write_table(groups_with_keep(components, images), workdir.groups(method))
+        groups = groups_with_keep(components, images, d.keep, d.keep_folders)
+        tables.write_table(groups, workdir.groups(method),
+                           metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
+                                     "not_duplicates": d.not_duplicates, "threshold": threshold})
     finally:
         tables.remove(spark, scratch)
     groups = tables.read_table(spark, workdir.groups(method), "groups table")
@@ -77,5 +212,8 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         "images_in_groups": groups.count(),
         "images_to_remove": groups.where(~F.col(S.KEEP)).count(),
     }
+    if d.not_duplicates:
+        counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
+                       "groups_split_by_not_duplicates": split})
     log.info("dedup %s at threshold %.3f: %s", method, threshold, counts)
     return counts

@@ -21,7 +21,7 @@ from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
 from pipeline.stages import index as ix
 from pipeline.stages import ingest as ing
-from pipeline.stages import tables, tracking, vocabulary
+from pipeline.stages import progress, tables, tracking, vocabulary
 from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def check_inputs(config: Config) -> None:
 def ingest_step(spark: SparkSession, config: Config) -> tuple[dict[str, Any], str]:
     """Ingest; returns metrics and the report text. Raises :class:`TooManyErrors` after logging."""
     metrics: dict[str, Any] = {}
-    with timed("ingest", metrics):
+    with timed("ingest", metrics), progress.spark_stage(spark, "ingest", config.progress):
         report = ing.ingest(spark, config)
     metrics.update({
         "files_total": report.total,
@@ -103,7 +103,8 @@ def embed_step(spark: SparkSession, config: Config, incremental: bool = True) ->
     metrics.update(train_metrics)
     with timed("model_load_driver", metrics):
         metrics["embedding_dim"] = encoder.preflight()
-    with timed("embed", metrics):
+    items = _ok_images(spark, config) if progress.enabled(config.progress) else None
+    with timed("embed", metrics), progress.spark_stage(spark, "embed", config.progress, items):
         counts = em.embed(spark, config, incremental)
     embedded = counts["embedded"]
     metrics.update({"images_embedded": embedded, "embeddings_ok": counts.get(S.STATUS_OK, 0),
@@ -117,9 +118,14 @@ def embed_step(spark: SparkSession, config: Config, incremental: bool = True) ->
     return metrics, text, config
 
 
+def _ok_images(spark: SparkSession, config: Config) -> int:
+    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
+    return images.where(F.col(S.STATUS) == S.STATUS_OK).count()
+
+
 def index_step(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    with timed("index", metrics):
+    with timed("index", metrics), progress.spark_stage(spark, "index", config.progress):
         info = ix.build_index(spark, config)
     metrics.update({"index_vectors": info.meta["count"], "index_shards": len(info.meta["shards"])})
     tracking.log_metrics(metrics)
@@ -129,7 +135,7 @@ def index_step(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def dedup_step(spark: SparkSession, config: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    with timed("dedup", metrics):
+    with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
         counts = dd.dedup(spark, config)
     metrics.update(counts)
     tracking.log_metrics(metrics)

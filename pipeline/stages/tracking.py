@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -46,6 +47,14 @@ def mlflow_run(config: Config, run_name: str, nested: bool = False,
         if uri.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
         mlflow.set_tracking_uri(uri)
+        if not config.mlflow.tracking_uri and mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
+            # The embedded store keeps artifacts (configs, the report) inside the workdir too;
+            # MLflow's default would be ./mlruns under whatever folder the job was started from.
+            artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+            try:
+                mlflow.create_experiment(config.mlflow.experiment, artifact_location=Path(artifacts).as_uri())
+            except mlflow.exceptions.MlflowException:
+                pass  # another job created it meanwhile
         mlflow.set_experiment(config.mlflow.experiment)
     with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {})) as run:
         if not nested:

@@ -19,7 +19,8 @@ LAYERS = [
     ("pipeline.core",),
     ("pipeline.encoders",),
     ("pipeline.stages",),
-    ("pipeline.api", "pipeline.cli", "pipeline.evaluate", "pipeline.train", "pipeline.demo"),
+    ("pipeline.api", "pipeline.cli", "pipeline.evaluate", "pipeline.train", "pipeline.demo", "pipeline.report",
+     "pipeline.apply"),
 ]
 
 
