@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -373,8 +375,6 @@ def parse_memory(text: str | int) -> int:
     """'4g', '512m', '1.5G', 1000000 -> bytes (the units Spark and autofaiss accept)."""
     if isinstance(text, int):
         return text
-    import re
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([bkmgt]?)i?b?\s*", str(text).lower())
     if not match:
         raise ValueError(f"cannot read a memory size from {text!r} (examples: 512m, 4g)")
@@ -458,14 +458,10 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _resolved_types(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
-    import typing
-
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if value is None:
