@@ -6,25 +6,23 @@ hour of embedding (the img2dataset ``arguments_validator`` pattern).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-DEFAULT_CONF_PATH = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+from pipeline.config.checks import (  # noqa: F401 (re-exported)
+    APPLY_MODES, INPUT_MODES, KEEP_POLICIES, POOLING_METHODS, validate_descriptor_options, validate_review_options)
+from pipeline.config.parsing import (  # noqa: F401 (re-exported)
+    ConfigError, _build, local_path_of, parse_memory, parse_override, set_dotted)
+
+DEFAULT_CONF_PATH = Path(__file__).resolve().parent.parent.parent / "conf" / "default.yaml"
 
 INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_sq", "ivf_pq", "hnsw")
 WEIGHTS_SPECIAL = ("imagenet", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the value."""
 
 
 @dataclass
@@ -312,189 +310,3 @@ class Config:
                 f"(workdir={self.workdir!r}); use a tracking server or a sqlite file on local disk"
             )
         return "sqlite:///" + str(Path(local).resolve() / "mlflow.db")
-
-
-def local_path_of(uri: str) -> str | None:
-    """The local filesystem path of ``uri`` (plain path, file:// or Hadoop's file:/), else None."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if uri.startswith("file:"):
-        return uri[len("file:"):]
-    if "://" in uri:
-        return None
-    return uri
-
-
-INPUT_MODES = ("squash", "aspect")
-POOLING_METHODS = ("avg", "max", "gem", "rmac")
-
-
-def validate_descriptor_options(config: "Config") -> None:
-    e, d = config.embed, config.dedup
-    if e.input not in INPUT_MODES:
-        raise ConfigError(f"embed.input must be one of {', '.join(INPUT_MODES)}, got {e.input!r}")
-    if not 32 <= e.max_side <= 4096:
-        raise ConfigError(f"embed.max_side must be in [32, 4096], got {e.max_side!r}")
-    if e.size_multiple < 1 or e.size_multiple > 64:
-        raise ConfigError(f"embed.size_multiple must be in [1, 64], got {e.size_multiple!r}")
-    if not e.scales or any(not 0.1 <= s <= 4.0 for s in e.scales):
-        raise ConfigError(f"embed.scales must be a non-empty list of numbers in [0.1, 4], got {e.scales!r}")
-    if e.pooling not in POOLING_METHODS:
-        raise ConfigError(f"embed.pooling must be one of {', '.join(POOLING_METHODS)}, got {e.pooling!r}")
-    if e.gem_p <= 0:
-        raise ConfigError(f"embed.gem_p must be > 0, got {e.gem_p!r}")
-    if not 1 <= e.rmac_levels <= 5:
-        raise ConfigError(f"embed.rmac_levels must be in [1, 5], got {e.rmac_levels!r}")
-    if not 0 < e.power_norm <= 1:
-        raise ConfigError(f"embed.power_norm must be in (0, 1], got {e.power_norm!r}")
-    if e.rotation not in (0, 90, 180, 270):
-        raise ConfigError(f"embed.rotation must be 0, 90, 180 or 270, got {e.rotation!r}")
-    if isinstance(e.postprocess, str) and e.postprocess.strip().lower() in ("", "none", "null"):
-        e.postprocess = None
-    if d.dba_k < 0 or d.qe_k < 0:
-        raise ConfigError(f"dedup.dba_k and dedup.qe_k must be >= 0, got {d.dba_k!r}, {d.qe_k!r}")
-    if d.dba_alpha < 0 or d.qe_alpha < 0:
-        raise ConfigError("dedup.dba_alpha and dedup.qe_alpha must be >= 0")
-    if not d.rotations or any(r not in (0, 90, 180, 270) for r in d.rotations) or 0 not in d.rotations:
-        raise ConfigError(f"dedup.rotations must list degrees among 0, 90, 180, 270 and include 0, got {d.rotations!r}")
-    t = config.train
-    if t.dim is not None and t.dim < 1:
-        raise ConfigError(f"train.dim must be >= 1 or null, got {t.dim!r}")
-    if t.power < 0 or not 0 <= t.shrinkage <= 1:
-        raise ConfigError(f"train.power must be >= 0 and train.shrinkage in [0, 1], got {t.power!r}, {t.shrinkage!r}")
-    if t.head_dim < 0 or t.head_epochs < 1 or t.head_temperature <= 0 or t.head_augmentations < 1:
-        raise ConfigError("train.head_dim must be >= 0, train.head_epochs and train.head_augmentations >= 1, "
-                          f"train.head_temperature > 0; got {t.head_dim!r}, {t.head_epochs!r}, "
-                          f"{t.head_augmentations!r}, {t.head_temperature!r}")
-
-
-_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_memory(text: str | int) -> int:
-    """'4g', '512m', '1.5G', 1000000 -> bytes (the units Spark and autofaiss accept)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([bkmgt]?)i?b?\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"cannot read a memory size from {text!r} (examples: 512m, 4g)")
-    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2)])
-
-
-KEEP_POLICIES = ("pixels", "largest", "oldest", "newest")
-APPLY_MODES = ("report", "move", "hardlink", "symlink")
-
-
-def validate_review_options(config: "Config") -> None:
-    """dedup decisions, report and apply settings (issue 12)."""
-    d, r, a = config.dedup, config.report, config.apply
-    if d.keep not in KEEP_POLICIES:
-        raise ConfigError(f"dedup.keep must be one of {', '.join(KEEP_POLICIES)}, got {d.keep!r}")
-    d.keep_folders = [f if "://" in f else os.path.abspath(os.path.expanduser(f)) for f in d.keep_folders]
-    if d.not_duplicates is not None:
-        if not os.path.isfile(d.not_duplicates):
-            raise ConfigError(f"dedup.not_duplicates: file not found: {d.not_duplicates!r}")
-        d.not_duplicates = os.path.abspath(d.not_duplicates)
-    if not 1 <= r.groups_per_page <= 1000:
-        raise ConfigError(f"report.groups_per_page must be in [1, 1000], got {r.groups_per_page!r}")
-    if not 32 <= r.thumb_px <= 1024 or not 1 <= r.thumb_quality <= 95:
-        raise ConfigError(f"report.thumb_px must be in [32, 1024] and report.thumb_quality in [1, 95], "
-                          f"got {r.thumb_px!r}, {r.thumb_quality!r}")
-    if a.mode not in APPLY_MODES:
-        raise ConfigError(f"apply.mode must be one of {', '.join(APPLY_MODES)}, got {a.mode!r}")
-    if config.progress not in ("auto", "always", "never"):
-        raise ConfigError(f"progress must be auto, always or never, got {config.progress!r}")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    # YAML parsing gives numbers, booleans and lists for free (--set evaluate.backbones=[a,b]).
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc}") from exc
-    return key, value
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
-        )
-    kwargs: dict[str, Any] = {}
-    hints = _resolved_types(cls)
-    for name, value in raw.items():
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, value, prefix + name + ".")
-        else:
-            kwargs[name] = _coerce(prefix + name, typ, value)
-    return cls(**kwargs)
-
-
-def _resolved_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, typ: Any, value: Any) -> Any:
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{key} must not be empty")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, inner[0], value)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(key, args[0], v) for v in value]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return copy.deepcopy(dict(value))
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value

@@ -1,0 +1,77 @@
+"""Checks of settings that span several sections (called by :meth:`pipeline.config.Config.validate`)."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from pipeline.config.parsing import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+INPUT_MODES = ("squash", "aspect")
+POOLING_METHODS = ("avg", "max", "gem", "rmac")
+
+
+def validate_descriptor_options(config: "Config") -> None:
+    e, d = config.embed, config.dedup
+    if e.input not in INPUT_MODES:
+        raise ConfigError(f"embed.input must be one of {', '.join(INPUT_MODES)}, got {e.input!r}")
+    if not 32 <= e.max_side <= 4096:
+        raise ConfigError(f"embed.max_side must be in [32, 4096], got {e.max_side!r}")
+    if e.size_multiple < 1 or e.size_multiple > 64:
+        raise ConfigError(f"embed.size_multiple must be in [1, 64], got {e.size_multiple!r}")
+    if not e.scales or any(not 0.1 <= s <= 4.0 for s in e.scales):
+        raise ConfigError(f"embed.scales must be a non-empty list of numbers in [0.1, 4], got {e.scales!r}")
+    if e.pooling not in POOLING_METHODS:
+        raise ConfigError(f"embed.pooling must be one of {', '.join(POOLING_METHODS)}, got {e.pooling!r}")
+    if e.gem_p <= 0:
+        raise ConfigError(f"embed.gem_p must be > 0, got {e.gem_p!r}")
+    if not 1 <= e.rmac_levels <= 5:
+        raise ConfigError(f"embed.rmac_levels must be in [1, 5], got {e.rmac_levels!r}")
+    if not 0 < e.power_norm <= 1:
+        raise ConfigError(f"embed.power_norm must be in (0, 1], got {e.power_norm!r}")
+    if e.rotation not in (0, 90, 180, 270):
+        raise ConfigError(f"embed.rotation must be 0, 90, 180 or 270, got {e.rotation!r}")
+    if isinstance(e.postprocess, str) and e.postprocess.strip().lower() in ("", "none", "null"):
+        e.postprocess = None
+    if d.dba_k < 0 or d.qe_k < 0:
+        raise ConfigError(f"dedup.dba_k and dedup.qe_k must be >= 0, got {d.dba_k!r}, {d.qe_k!r}")
+    if d.dba_alpha < 0 or d.qe_alpha < 0:
+        raise ConfigError("dedup.dba_alpha and dedup.qe_alpha must be >= 0")
+    if not d.rotations or any(r not in (0, 90, 180, 270) for r in d.rotations) or 0 not in d.rotations:
+        raise ConfigError(f"dedup.rotations must list degrees among 0, 90, 180, 270 and include 0, got {d.rotations!r}")
+    t = config.train
+    if t.dim is not None and t.dim < 1:
+        raise ConfigError(f"train.dim must be >= 1 or null, got {t.dim!r}")
+    if t.power < 0 or not 0 <= t.shrinkage <= 1:
+        raise ConfigError(f"train.power must be >= 0 and train.shrinkage in [0, 1], got {t.power!r}, {t.shrinkage!r}")
+    if t.head_dim < 0 or t.head_epochs < 1 or t.head_temperature <= 0 or t.head_augmentations < 1:
+        raise ConfigError("train.head_dim must be >= 0, train.head_epochs and train.head_augmentations >= 1, "
+                          f"train.head_temperature > 0; got {t.head_dim!r}, {t.head_epochs!r}, "
+                          f"{t.head_augmentations!r}, {t.head_temperature!r}")
+
+
+KEEP_POLICIES = ("pixels", "largest", "oldest", "newest")
+APPLY_MODES = ("report", "move", "hardlink", "symlink")
+
+
+def validate_review_options(config: "Config") -> None:
+    """dedup decisions, report and apply settings (issue 12)."""
+    d, r, a = config.dedup, config.report, config.apply
+    if d.keep not in KEEP_POLICIES:
+        raise ConfigError(f"dedup.keep must be one of {', '.join(KEEP_POLICIES)}, got {d.keep!r}")
+    d.keep_folders = [f if "://" in f else os.path.abspath(os.path.expanduser(f)) for f in d.keep_folders]
+    if d.not_duplicates is not None:
+        if not os.path.isfile(d.not_duplicates):
+            raise ConfigError(f"dedup.not_duplicates: file not found: {d.not_duplicates!r}")
+        d.not_duplicates = os.path.abspath(d.not_duplicates)
+    if not 1 <= r.groups_per_page <= 1000:
+        raise ConfigError(f"report.groups_per_page must be in [1, 1000], got {r.groups_per_page!r}")
+    if not 32 <= r.thumb_px <= 1024 or not 1 <= r.thumb_quality <= 95:
+        raise ConfigError(f"report.thumb_px must be in [32, 1024] and report.thumb_quality in [1, 95], "
+                          f"got {r.thumb_px!r}, {r.thumb_quality!r}")
+    if a.mode not in APPLY_MODES:
+        raise ConfigError(f"apply.mode must be one of {', '.join(APPLY_MODES)}, got {a.mode!r}")
+    if config.progress not in ("auto", "always", "never"):
+        raise ConfigError(f"progress must be auto, always or never, got {config.progress!r}")
