@@ -221,15 +221,26 @@ def assert_fault_hit_a_running_task(run: Run, cluster: Cluster) -> None:
 def fault_free(cluster, corpus, tmp_path_factory):
     """The same job on the same cluster without faults: what every faulty run must reproduce."""
     cwd = tmp_path_factory.mktemp("fault-free")
-    run = submit_job(cluster, "run", ["--input", str(corpus), "--workdir", str(cwd / "work")], cwd)
+    # A relative workdir: must be resolved on the driver, since executors have another cwd.
+    run = submit_job(cluster, "run", ["--input", str(corpus), "--workdir", "rel/work"], cwd)
     assert run.returncode == 0, run.log[-4000:]
-    return cwd / "work", tables(cwd / "work")
+    return cwd / "rel" / "work", tables(cwd / "rel" / "work")
 
 
 def test_fault_free_run_on_two_workers(fault_free, corpus, cluster):
+    """spark-submit jobs/run.py to a standalone cluster: the executors run in other JVMs, Python
+    processes and folders than the driver, so anything that only works in local mode fails here."""
     workdir, t = fault_free
     assert_one_row_per_image(t, corpus)
+    folder_of = {r["image_id"]: Path(r["path"]).parent.name for r in t["images"]}
+    by_group: dict[str, set[str]] = {}
+    for r in t["groups"]:
+        by_group.setdefault(r["group_id"], set()).add(folder_of[r["image_id"]])
+    assert sorted(tuple(sorted(v)) for v in by_group.values()) == [("astronaut",), ("coffee",), ("rocket",)]
+    assert sorted(p.name for p in (workdir / "index" / "mobilenet" / "shards").iterdir()) == [
+        "shard_00000.faiss", "shard_00001.faiss"]
     # Both executors worked (each worker has its own executor folder with a log).
+    assert len(cluster.worker_dirs()) == 2
     assert all(any(folder.rglob("stderr")) for folder in cluster.worker_dirs())
 
 
