@@ -27,7 +27,7 @@ from pipeline.encoders import registry
 from pipeline.evaluate import study
 from pipeline.report import build as report_build
 from pipeline.report.build import ReportResult
-from pipeline.stages import progress, steps, tracking
+from pipeline.stages import incremental, progress, steps, tracking
 from pipeline.stages.session import spark_session
 from pipeline.stages.steps import TooManyErrors
 from pipeline.train import classical as train_classical
@@ -272,7 +272,7 @@ def dedup(workdir: str | None = None, *, backbone: str | None = None, threshold:
                                          dedup__threshold=threshold, dedup__k=k, **settings))
     with _spark(cfg, spark) as session:
         with tracking.mlflow_run(cfg, f"dedup-{storage.tag_of(cfg.embed.backbone)}", tags={"job": "dedup"}) as run:
-            metrics = steps.dedup_step(session, cfg)
+            metrics = incremental.dedup_step(session, cfg, rebuild_index=False)
             report = steps.format_groups(session, cfg)
     return JobResult("dedup", metrics, _tables(cfg, "pairs", "groups"), run.info.run_id, report, cfg)
 
@@ -307,8 +307,7 @@ def run(input: str | Sequence[str] | None = None, workdir: str | None = None, *,
             metrics.update(ingested)
             embedded, embed_report, cfg = steps.embed_step(session, cfg)
             metrics.update(embedded)
-            metrics.update(steps.index_step(session, cfg))
-            metrics.update(steps.dedup_step(session, cfg))
+            metrics.update(incremental.dedup_step(session, cfg, rebuild_index=True))
             groups = steps.format_groups(session, cfg)
             metrics["mlflow_run_id"] = run_.info.run_id
     return JobResult("run", metrics, _tables(cfg, "images", "embeddings", "index", "pairs", "groups"),
