@@ -214,11 +214,12 @@ def search(config: Config, archive: Archive, variants: np.ndarray, k: int) -> li
     return out
 
 
-def run_light(config: Config, rotations: list[int]) -> tuple[list[QueryFile], list[list[tuple[str, float]]], dict, dict]:
+def run_light(config: Config, rotations: list[int], listed: list | None = None) -> tuple[list[QueryFile], list[list[tuple[str, float]]], dict, dict]:
     """List, embed and search the query inputs; returns (files, matches per file, archive paths, timings)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    listed = list_query_files(config.query.input, config.ingest.follow_symlinks)
+    if listed is None:
+        listed = list_query_files(config.query.input, config.ingest.follow_symlinks)
     files = [describe(f, config.ingest.max_pixels) for f in listed]
     timings["read_seconds"] = time.perf_counter() - started
     t = time.perf_counter()

@@ -140,7 +140,7 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
     emb = _ok_embeddings(spark, config)
     if dba_on(config):
         raw = config.with_overrides(dedup__dba_k=0, dedup__rotations=[0], dedup__qe_k=0)
-        lists = search_neighbors(spark, raw, config.dedup.dba_k, queries=emb.select(S.IMAGE_ID, S.EMBEDDING))
+        lists = search_neighbors(spark, raw, config.dedup.dba_k, queries=emb.select(S.IMAGE_ID, S.EMBEDDING, F.lit(S.STATUS_OK).alias(S.STATUS)))
         vectors = emb.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
         aug = (lists.join(vectors, S.NEIGHBOR_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.SIMILARITY, "vector")
                .groupBy(S.QUERY_ID).applyInPandas(
