@@ -83,8 +83,7 @@ def choose_path(config: Config) -> tuple[str, str, list | None]:
     if config.dedup.qe_k > 0:
         return "spark", "query expansion (dedup.qe_k > 0) runs in Spark", None
     if config.dedup.dba_k > 1:
-        archive = light.Archive(config)
-        if not archive.state_usable():
+        if not light.Archive(config).state_usable():
             return "spark", "no dedup state for this index (run dedup once) to read augmented vectors from", None
     return "light", f"{len(listed)} files <= query.max_light_files={q.max_light_files}", listed
 
@@ -220,5 +219,8 @@ def format_report(rows: list[dict], metrics: dict, path: str, uri: str, limit: i
     lines.append(f"files: {metrics['query_files']}  ok: {metrics['query_files_ok']}  error: {metrics['query_files_error']}"
                  f"  skipped: {metrics['query_files_skipped']}; with a match: {metrics['query_files_matched']}"
                  f"  ({metrics['query_matches']} matches)")
-    lines.append(f"{path} path, {metrics.get('query_seconds', 0):.1f} s; matches table: {uri}")
+    phases = ", ".join(f"{k[:-len('_seconds')].replace('_', ' ')} {v:.1f} s" for k, v in metrics.items()
+                       if k.endswith("_seconds") and k != "query_seconds")
+    lines.append(f"{path} path, {metrics.get('query_seconds', 0):.1f} s{f' ({phases})' if phases else ''}; "
+                 f"matches table: {uri}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,16 +125,25 @@ class Archive:
         if not storage.file_exists(f"{self.index_dir}/index.json"):
             raise FileNotFoundError(f"no complete index at {self.index_dir}; run the index job first")
         self.meta = storage.read_json(f"{self.index_dir}/index.json")
-        self.shards = [faiss_index.read_index(f"{self.index_dir}/shards/shard_{s['shard']:05d}.faiss")
-                       for s in self.meta["shards"]]
-        for shard in self.shards:
-            faiss_index.set_search_params(shard, config.index)
-        idmap = read_columns_any(f"{self.index_dir}/idmap", [S.FAISS_ID, S.IMAGE_ID])
-        self.id_of = dict(zip(idmap.column(S.FAISS_ID).to_pylist(), idmap.column(S.IMAGE_ID).to_pylist()))
+        self.settings = config.index
+        self.shards: list = []
+        self.id_of: dict[int, str] = {}
         self.state_ids: np.ndarray | None = None
         self.aug: np.ndarray | None = None
         self.workdir = workdir
         self.method = method
+
+    def load(self, augmented: bool) -> "Archive":
+        """Read the shards and the id map, and with ``augmented`` the state's augmented vectors."""
+        self.shards = [faiss_index.read_index(f"{self.index_dir}/shards/shard_{s['shard']:05d}.faiss")
+                       for s in self.meta["shards"]]
+        for shard in self.shards:
+            faiss_index.set_search_params(shard, self.settings)
+        idmap = read_columns_any(f"{self.index_dir}/idmap", [S.FAISS_ID, S.IMAGE_ID])
+        self.id_of = dict(zip(idmap.column(S.FAISS_ID).to_pylist(), idmap.column(S.IMAGE_ID).to_pylist()))
+        if augmented:
+            self.load_augmented()
+        return self
 
     def state_usable(self) -> bool:
         """The last dedup's state matches this index (written together; a rebuilt index makes it stale)."""
@@ -184,15 +194,27 @@ def query_variants(config: Config, archive: Archive, vectors: np.ndarray,
 
 
 def archive_raw_vectors(archive: Archive, ids: list[str]) -> dict[str, np.ndarray]:
-    """Raw embeddings of a few archive images, from the embedding table (pyarrow, filtered by id)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+    """Raw embeddings of a few archive images from the embedding table: the id column is read
+    whole, the vector column only in the row groups that hold a wanted id."""
+    import pyarrow.parquet as pq
 
-    uri = archive.workdir.embeddings(archive.method)
-    fs, path = storage._arrow_fs(uri)
-    dataset = ds.dataset(path, filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=[S.IMAGE_ID, S.EMBEDDING], filter=pc.field(S.IMAGE_ID).isin(ids))
-    return dict(zip(table.column(S.IMAGE_ID).to_pylist(), vectors_of(table, S.EMBEDDING)))
+    wanted = set(ids)
+    out: dict[str, np.ndarray] = {}
+    fs, root = storage._arrow_fs(archive.workdir.embeddings(archive.method))
+    from pyarrow import fs as pafs
+
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    for name in files:
+        with fs.open_input_file(name) as fh:
+            parquet = pq.ParquetFile(fh)
+            for group in range(parquet.num_row_groups):
+                id_column = parquet.read_row_group(group, columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist()
+                rows = [i for i, v in enumerate(id_column) if v in wanted]
+                if rows:
+                    vectors = vectors_of(parquet.read_row_group(group, columns=[S.EMBEDDING]).take(rows), S.EMBEDDING)
+                    out.update({id_column[i]: v for i, v in zip(rows, vectors)})
+    return out
 
 
 def search(config: Config, archive: Archive, variants: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -214,6 +236,12 @@ def search(config: Config, archive: Archive, variants: np.ndarray, k: int) -> li
     return out
 
 
+def _timed_load(archive: Archive, augmented: bool) -> tuple[Archive, float]:
+    t = time.perf_counter()
+    archive.load(augmented)
+    return archive, time.perf_counter() - t
+
+
 def run_light(config: Config, rotations: list[int], listed: list | None = None) -> tuple[list[QueryFile], list[list[tuple[str, float]]], dict, dict]:
     """List, embed and search the query inputs; returns (files, matches per file, archive paths, timings)."""
     timings: dict[str, float] = {}
@@ -222,14 +250,13 @@ def run_light(config: Config, rotations: list[int], listed: list | None = None) 
         listed = list_query_files(config.query.input, config.ingest.follow_symlinks)
     files = [describe(f, config.ingest.max_pixels) for f in listed]
     timings["read_seconds"] = time.perf_counter() - started
-    t = time.perf_counter()
-    embed_files(config, files, rotations)
-    timings["embed_seconds"] = time.perf_counter() - t
-    t = time.perf_counter()
-    archive = Archive(config)
-    if config.dedup.dba_k > 1:
-        archive.load_augmented()
-    timings["load_archive_seconds"] = time.perf_counter() - t
+    # The archive is read (pyarrow, FAISS: no GIL held) while TensorFlow starts and embeds.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(_timed_load, Archive(config), config.dedup.dba_k > 1)
+        t = time.perf_counter()
+        embed_files(config, files, rotations)
+        timings["embed_seconds"] = time.perf_counter() - t
+        archive, timings["load_archive_seconds"] = loading.result()
     t = time.perf_counter()
     ok = [f for f in files if f.status == S.STATUS_OK and f.vector is not None]
     vectors = np.stack([f.vector for f in ok]) if ok else np.zeros((0, archive.meta["dimension"]), np.float32)
