@@ -412,6 +412,7 @@ def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors:
     if not ids:
         return info
     started = time.perf_counter()
+    _drop_orphan_parts(info.path, meta.get("appended", []))
     first = int(meta["count"])
     faiss_ids = np.arange(first, first + len(ids), dtype=np.int64)
     shard = max(s["shard"] for s in meta["shards"]) + 1
@@ -433,6 +434,18 @@ def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors:
     meta["appended"] = meta.get("appended", []) + [build]
     storage.write_json(f"{info.path}/{ix.INDEX_JSON}", meta)
     return ix.IndexInfo(info.path, meta)
+
+
+def _drop_orphan_parts(index_dir: str, committed: list[str]) -> None:
+    """Id-map parts of an append interrupted before its index.json was written (their ids would repeat)."""
+    from pyarrow import fs as pafs
+
+    fs, root = storage._arrow_fs(f"{index_dir}/idmap")
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        name = entry.base_name
+        if name.startswith("part-appended-") and name[len("part-appended-"):].split(".")[0] not in committed:
+            log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
+            fs.delete_file(entry.path)
 
 
 def write_groups(spark: SparkSession, config: Config, threshold: float) -> dict[str, Any]:
