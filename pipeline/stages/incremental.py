@@ -310,6 +310,11 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
             best = sorted(cands, key=lambda c: (-c[0], c[1]))[:k]
             lists[n] = ([c[1] for c in best], [c[0] for c in best])
     d_ids = sorted(set(new_ids) | set(lists))
+    if not d_ids:  # nothing new: the pairs stand; the groups follow the current decisions
+        counts = write_groups(spark, config, threshold)
+        counts.update({"dedup_incremental": 1, "incremental_new_images": 0, "incremental_rescored_images": 0,
+                       "incremental_seconds": time.perf_counter() - started})
+        return counts
 
     # 2. Vectors of D: augmented from the lists, rotated embeddings (new images: embedded now).
     old_d = sorted(set(d_ids) - set(new_ids))
