@@ -35,6 +35,7 @@ from pyspark.sql import functions as F
 from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import faiss_index, matching, storage
+from pipeline.core import grouping as G
 from pipeline.encoders import registry
 from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
@@ -46,6 +47,8 @@ from pipeline.stages.timing import timed
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Up to this many pairs the groups' components are computed on the driver (union-find).
+DRIVER_COMPONENTS_MAX = 2_000_000
 AUG, DBA_IDS, DBA_SIMS = "aug", "dba_ids", "dba_sims"
 
 
@@ -369,7 +372,8 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
     tables.write_table(pairs, workdir.pairs(method), metadata=pairs_meta)
     counts = write_groups(spark, config, threshold)
     info = append_to_index(config, todo["index"], new_ids, vn)
-    d_rows = [(x, _sha(new_rows, old_state, x), d_aug[i].tolist(),
+    sha = {**{x: r[S.CONTENT_SHA256] for x, r in old_state.items()}, **{r[S.IMAGE_ID]: r[S.CONTENT_SHA256] for r in new_rows}}
+    d_rows = [(x, sha[x], d_aug[i].tolist(),
                [str(m) for m in lists[x][0]] if x in lists else list(old_state[x][DBA_IDS] or []),
                [float(v) for v in lists[x][1]] if x in lists else list(old_state[x][DBA_SIMS] or []),
                *[None if v is None else [float(f) for f in v] for v in (d_rot[j][i] for j in range(len(rot)))])
@@ -387,13 +391,6 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
     return counts
 
 
-def _sha(new_rows, old_state, x: str) -> str:
-    for r in new_rows:
-        if r[S.IMAGE_ID] == x:
-            return r[S.CONTENT_SHA256]
-    return old_state[x][S.CONTENT_SHA256]
-
-
 def _embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations: list[int]) -> dict[int, dict]:
     """The rotated embeddings of the new images only (``embed.rotation``; the model itself is unchanged)."""
     out: dict[int, dict] = {r: {} for r in rotations}
@@ -401,10 +398,21 @@ def _embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotation
         return out
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
     chosen = images.where(F.col(S.IMAGE_ID).isin(ids) & (F.col(S.STATUS) == S.STATUS_OK))
-    for r in rotations:
-        table = em.build_embedding_table(spark, config.with_overrides(embed__rotation=r), chosen)
-        out[r] = {row[S.IMAGE_ID]: np.asarray(row[S.EMBEDDING], np.float32)
-                  for row in table.where(F.col(S.STATUS) == S.STATUS_OK).collect()}
+    # Every rotation in one job: the embed stage's batch function per rotation, one model load.
+    functions = {r: registry.encoder_for(config.with_overrides(embed__rotation=r)).embed_function() for r in rotations}
+
+    def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            for r, fn in functions.items():
+                vectors, _ = fn(list(pdf[S.CONTENT]))
+                yield pd.DataFrame({"rotation": r, S.IMAGE_ID: pdf[S.IMAGE_ID],
+                                    S.EMBEDDING: [None if v is None else np.asarray(v, np.float32) for v in vectors]})
+
+    rows = (chosen.select(S.IMAGE_ID, S.CONTENT).repartition(spark.sparkContext.defaultParallelism)
+            .mapInPandas(embed, schema=f"rotation int, {S.IMAGE_ID} string, {S.EMBEDDING} array<float>").collect())
+    for row in rows:
+        if row[S.EMBEDDING] is not None:
+            out[row["rotation"]][row[S.IMAGE_ID]] = np.asarray(row[S.EMBEDDING], np.float32)
     return out
 
 
@@ -464,7 +472,15 @@ def write_groups(spark: SparkSession, config: Config, threshold: float) -> dict[
     try:
         declared = dd.read_not_duplicates(d.not_duplicates) if d.not_duplicates else []
         forbidden, unmatched = dd.resolve_not_duplicates(spark, declared, images)
-        components, split = dd.components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
+        n_pairs = pairs.count()
+        if not forbidden and n_pairs <= DRIVER_COMPONENTS_MAX:
+            # Few edges: union-find here (the oracle the Spark components are tested against)
+            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
+            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
+            components = spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string")
+            split = 0
+        else:
+            components, split = dd.components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
         groups = dd.groups_with_keep(components, images, d.keep, d.keep_folders)
         tables.write_table(groups, workdir.groups(method),
                            metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
