@@ -20,24 +20,26 @@ from typing import Any, Iterator, Sequence
 from pyspark.sql import SparkSession
 
 from pipeline import apply as apply_job
+from pipeline import query as query_job
 from pipeline.apply import ApplyResult
 from pipeline.config import Config
+from pipeline.query import QueryResult
 from pipeline.core import storage
 from pipeline.encoders import registry
 from pipeline.evaluate import study
 from pipeline.report import build as report_build
 from pipeline.report.build import ReportResult
-from pipeline.stages import progress, steps, tracking
+from pipeline.stages import incremental, progress, steps, tracking
 from pipeline.stages.session import spark_session
 from pipeline.stages.steps import TooManyErrors
 from pipeline.train import classical as train_classical
 from pipeline.train import cnn as train_cnn
 
-__all__ = ["ApplyResult", "EvaluateResult", "JobResult", "ReportResult", "TooManyErrors", "TrainResult", "apply",
-           "dedup", "embed", "evaluate", "index", "ingest", "make_config", "preflight", "report", "run", "train",
-           "validate"]
+__all__ = ["ApplyResult", "EvaluateResult", "JobResult", "QueryResult", "ReportResult", "TooManyErrors", "TrainResult",
+           "apply", "dedup", "embed", "evaluate", "index", "ingest", "make_config", "preflight", "query", "report",
+           "run", "train", "validate"]
 
-JOBS = ("ingest", "embed", "index", "dedup", "evaluate", "train", "run", "report", "apply")
+JOBS = ("ingest", "embed", "index", "dedup", "evaluate", "train", "run", "report", "apply", "query")
 
 
 @dataclass
@@ -272,7 +274,7 @@ def dedup(workdir: str | None = None, *, backbone: str | None = None, threshold:
                                          dedup__threshold=threshold, dedup__k=k, **settings))
     with _spark(cfg, spark) as session:
         with tracking.mlflow_run(cfg, f"dedup-{storage.tag_of(cfg.embed.backbone)}", tags={"job": "dedup"}) as run:
-            metrics = steps.dedup_step(session, cfg)
+            metrics = incremental.dedup_step(session, cfg, rebuild_index=False)
             report = steps.format_groups(session, cfg)
     return JobResult("dedup", metrics, _tables(cfg, "pairs", "groups"), run.info.run_id, report, cfg)
 
@@ -307,8 +309,7 @@ def run(input: str | Sequence[str] | None = None, workdir: str | None = None, *,
             metrics.update(ingested)
             embedded, embed_report, cfg = steps.embed_step(session, cfg)
             metrics.update(embedded)
-            metrics.update(steps.index_step(session, cfg))
-            metrics.update(steps.dedup_step(session, cfg))
+            metrics.update(incremental.dedup_step(session, cfg, rebuild_index=True))
             groups = steps.format_groups(session, cfg)
             metrics["mlflow_run_id"] = run_.info.run_id
     return JobResult("run", metrics, _tables(cfg, "images", "embeddings", "index", "pairs", "groups"),
@@ -453,3 +454,31 @@ def apply(workdir: str | None = None, *, mode: str | None = None, target: str | 
                                          apply__mode=mode, apply__target=target, apply__execute=execute,
                                          apply__undo=undo, **settings))
     return apply_job.apply(cfg)
+
+
+def query(input: str | Sequence[str] | None = None, workdir: str | None = None, *, backbone: str | None = None,
+          threshold: float | None = None, k: int | None = None, config: Config | None = None,
+          conf: str | None = None, spark: SparkSession | None = None, **settings: Any) -> QueryResult:
+    """Near-duplicates of new image files in the archive of ``workdir``, without rebuilding anything.
+
+    Parameters
+    ----------
+    input : str or list of str
+        New files or folders to check. Sets ``query.input``.
+    workdir : str
+        The archive's workdir (its index, and the state its last dedup wrote).
+    backbone, threshold, k
+        ``embed.backbone``, ``dedup.threshold``, ``dedup.k`` (matches kept per file).
+    config, conf, spark, **settings
+        As for :func:`ingest`; ``query__max_light_files``, ``query__force_path`` (auto, light, spark).
+
+    Returns
+    -------
+    QueryResult
+        ``rows``: the matches table (query_path, query_status, query_error, image_id, path,
+        similarity, rank; every input file at least once), ``tables["matches"]``, ``path``
+        (light: no Spark, or spark), ``metrics`` (files by status, matches, seconds).
+    """
+    cfg = validate(make_config(config, conf, workdir=workdir, query__input=_inputs(input), embed__backbone=backbone,
+                               dedup__threshold=threshold, dedup__k=k, **settings))
+    return query_job.query(cfg, spark=spark)

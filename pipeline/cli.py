@@ -12,9 +12,11 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
-from pipeline import api, demo
 from pipeline.config import Config, ConfigError
 from pipeline.encoders.backbones import WeightsUnavailableError
+
+# pipeline.api (and with it PySpark) is imported only by the jobs that use it: `query` on
+# few files answers in seconds without it.
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,12 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--execute": ("apply.execute", {"action": "store_true"}),
         "--undo": ("apply.undo", {"metavar": "JOURNAL"}),
     },
+    "query": {
+        "--input": ("query.input", {"nargs": "+"}),
+        **BACKBONE,
+        "--threshold": ("dedup.threshold", {"type": float}),
+        "--k": ("dedup.k", {"type": int}),
+    },
     "run": {
         "--input": ("ingest.input", {"nargs": "+"}),
         **BACKBONE,
@@ -76,6 +84,7 @@ HELP = {
     "report": "write the static HTML review report (groups as thumbnails, failed files) and log it to MLflow",
     "apply": "turn the keep decisions into file actions: dry run by default, journaled, undoable, never deletes",
     "run": "ingest, embed, index and dedup in one go",
+    "query": "near-duplicates of new images in an existing archive (no rebuild; few files: no Spark)",
 }
 
 
@@ -114,6 +123,12 @@ def config_from_args(job: str, args: argparse.Namespace) -> Config:
 
 def run_config(job: str, config: Config) -> Any:
     """Run ``job`` through :mod:`pipeline.api` with a ready config; returns the API's result."""
+    if job == "query":
+        from pipeline import query
+
+        return query.query(query.validated(config))
+    from pipeline import api
+
     return getattr(api, job)(config=config)
 
 
@@ -129,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(list(JOB_OPTIONS))
     args = parser.parse_args(argv)
     if args.job == "demo":
+        from pipeline import demo
+
         return _guarded(lambda: demo.run_demo(args.workdir, args.master))
     return _guarded(lambda: run_config(args.job, config_from_args(args.job, args)))
 
@@ -143,7 +160,10 @@ def _guarded(action: Callable[[], Any]) -> int:
     except (ConfigError, WeightsUnavailableError, FileNotFoundError) as exc:
         print(f"neardup: error: {exc}", file=sys.stderr)
         return 2
-    except api.TooManyErrors as exc:
+    except Exception as exc:
+        steps = sys.modules.get("pipeline.stages.steps")  # loaded by any job that can raise it
+        if steps is None or not isinstance(exc, steps.TooManyErrors):
+            raise
         if exc.report:
             print(exc.report)
         print(f"neardup: too many bad input files: {exc}", file=sys.stderr)

@@ -128,6 +128,19 @@ class DedupSettings:
     keep_folders: list[str] = field(default_factory=list)
     # CSV of image pairs (paths or image ids) a person declared not duplicates: never grouped.
     not_duplicates: str | None = None
+    # New images only (pipeline.stages.incremental): auto = when the result equals a full
+    # rebuild (exact index), always = also with an approximate index, never = full every time.
+    incremental: str = "auto"
+    incremental_max_new: int = 10_000  # more new images than this: full dedup
+
+
+@dataclass
+class QuerySettings:
+    # `neardup query`: new images checked against an existing archive's workdir.
+    input: list[str] = field(default_factory=list)
+    # Up to this many files: no Spark (model + index loaded in this process); above: Spark.
+    max_light_files: int = 200
+    force_path: str = "auto"  # auto | light | spark
 
 
 @dataclass
@@ -218,6 +231,7 @@ class Config:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     apply: ApplySettings = field(default_factory=ApplySettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
     max_error_fraction: float = 0.05
     # Per-stage progress bars: auto (only on a terminal) | always | never.
     progress: str = "auto"

@@ -71,6 +71,13 @@ def validate_review_options(config: "Config") -> None:
     if not 32 <= r.thumb_px <= 1024 or not 1 <= r.thumb_quality <= 95:
         raise ConfigError(f"report.thumb_px must be in [32, 1024] and report.thumb_quality in [1, 95], "
                           f"got {r.thumb_px!r}, {r.thumb_quality!r}")
+    if d.incremental not in ("auto", "always", "never") or d.incremental_max_new < 0:
+        raise ConfigError(f"dedup.incremental must be auto, always or never and dedup.incremental_max_new >= 0, "
+                          f"got {d.incremental!r}, {d.incremental_max_new!r}")
+    q = config.query
+    if q.force_path not in ("auto", "light", "spark") or q.max_light_files < 0:
+        raise ConfigError(f"query.force_path must be auto, light or spark and query.max_light_files >= 0, "
+                          f"got {q.force_path!r}, {q.max_light_files!r}")
     if a.mode not in APPLY_MODES:
         raise ConfigError(f"apply.mode must be one of {', '.join(APPLY_MODES)}, got {a.mode!r}")
     if config.progress not in ("auto", "always", "never"):

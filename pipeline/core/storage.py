@@ -58,6 +58,9 @@ class Workdir:
         postprocess/                learned post-processing (.npz), and copies fetched from MLflow
         mlflow.db                   the embedded MLflow store (when no tracking URI is set)
         tmp/<name>/                 scratch of a running job (component checkpoints), deleted at its end
+        incremental/<tag>/          per-image state of the last dedup (incremental dedup, query)
+        matches/<tag>/              the last `query` job's matches
+        query/                      a nested workdir: the image and embedding tables of queried files
     """
 
     root: str  # absolute URI
@@ -88,6 +91,16 @@ class Workdir:
 
     def neighbors(self, method: str) -> str:
         return self.join("neighbors", tag_of(method))
+
+    def incremental(self, method: str) -> str:
+        return self.join("incremental", tag_of(method))
+
+    def matches(self, method: str) -> str:
+        return self.join("matches", tag_of(method))
+
+    @property
+    def query_area(self) -> "Workdir":
+        return Workdir(self.join("query"))
 
     # Everything else the jobs write.
     def scratch(self, name: str) -> str:

@@ -20,7 +20,7 @@ LAYERS = [
     ("pipeline.encoders",),
     ("pipeline.stages",),
     ("pipeline.api", "pipeline.cli", "pipeline.evaluate", "pipeline.train", "pipeline.demo", "pipeline.report",
-     "pipeline.apply"),
+     "pipeline.apply", "pipeline.query", "pipeline.querylight"),
 ]
 
 

@@ -1,0 +1,496 @@
+"""Incremental dedup: add new images to the index and score only new-against-all.
+
+The pairs of a dedup are ``S(x, y) >= threshold`` (:mod:`pipeline.core.matching`), a function of
+each image's augmented vector (DBA) and rotated embeddings. New images change:
+
+* their own pairs, and
+* the augmented vector of every old image whose ``dba_k`` nearest raw neighbours now include a
+  new image (its scores against everything change, in both directions, rotations included).
+
+So the images to re-score are D = new images + those old images, and only pairs touching D can
+change. The state needed for that, per image (augmented vector, its DBA list, rotated
+embeddings), is the table ``<workdir>/incremental/<tag>/``, written after every dedup. Pairs
+touching D are recomputed exactly against every image (one scan of the state table); the
+others are kept; the groups (components, "not duplicates", keep) are recomputed from the
+pairs, which is linear in the pairs and exact whatever merged.
+
+The result is identical to a full rebuild (the test checks it on real images) when the full
+dedup itself is exact and not truncated by ``dedup.k``: the index is exact (flat), and no image
+has ``dedup.k`` or more partners (checked before and after; then each kNN list holds every
+partner above the threshold). Otherwise, and for query expansion, binary hashes, changed or
+deleted images, or changed settings, the full path runs and the log says why.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import schemas as S
+from pipeline.config import Config
+from pipeline.core import faiss_index, matching, storage
+from pipeline.core import grouping as G
+from pipeline.encoders import registry
+from pipeline.stages import dedup as dd
+from pipeline.stages import embed as em
+from pipeline.stages import index as ix
+from pipeline.stages import progress, rerank, steps, tables, tracking
+from pipeline.stages.search import search_neighbors
+from pipeline.stages.timing import timed
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Up to this many pairs the groups' components are computed on the driver (union-find).
+DRIVER_COMPONENTS_MAX = 2_000_000
+AUG, DBA_IDS, DBA_SIMS = "aug", "dba_ids", "dba_sims"
+
+
+def rot_column(r: int) -> str:
+    return f"rot_{r}"
+
+
+def rotations_of(config: Config) -> list[int]:
+    return sorted({int(r) for r in config.dedup.rotations if int(r) % 360})
+
+
+def dba_on(config: Config) -> bool:
+    return config.dedup.dba_k > 1
+
+
+def fingerprint(config: Config, threshold: float) -> dict:
+    """What the state (and the pairs it goes with) depends on besides the images."""
+    d = config.dedup
+    return {"version": STATE_VERSION, "embed": em.model_fingerprint(config), "threshold": float(threshold),
+            "k": d.k, "dba_k": d.dba_k if dba_on(config) else 0, "dba_alpha": float(d.dba_alpha),
+            "rotations": rotations_of(config)}
+
+
+def _ids_digest(frame: DataFrame, column: str = S.IMAGE_ID) -> list[int]:
+    row = frame.agg(F.count(F.lit(1)).alias("n"), F.sum(F.crc32(F.col(column))).alias("h")).first()
+    return [int(row["n"]), int(row["h"] or 0)]
+
+
+def _ok_embeddings(spark: SparkSession, config: Config) -> DataFrame:
+    uri = storage.Workdir.of(config.workdir).embeddings(config.embed.backbone)
+    return (tables.read_table(spark, uri, "embedding table").where(F.col(S.STATUS) == S.STATUS_OK)
+            .select(S.IMAGE_ID, S.CONTENT_SHA256, S.EMBEDDING))
+
+
+def _stack(values) -> np.ndarray:
+    values = list(values)
+    return np.stack(values).astype(np.float32) if values else np.zeros((0, 0), np.float32)
+
+
+def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict[str, Any]:
+    """The index + dedup steps of a job: incremental when :func:`plan` allows, else the full path.
+
+    ``rebuild_index``: the job builds the index on the full path (``run``); ``dedup`` does not.
+    After a full dedup the incremental state is written (unless ``dedup.incremental=never``).
+    """
+    todo, why = plan(spark, config)
+    if todo is not None:
+        metrics: dict[str, Any] = {}
+        with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
+            counts = update(spark, config, todo)
+        if counts is not None:
+            metrics.update(counts)
+            tracking.log_metrics(metrics)
+            return metrics
+        why = "an image would have dedup.k or more partners"
+    log.info("full dedup: %s", why)
+    metrics = steps.index_step(spark, config) if rebuild_index else {}
+    metrics.update(steps.dedup_step(spark, config))
+    metrics["dedup_incremental"] = 0
+    encoder = registry.encoder_for(config)
+    if config.dedup.incremental != "never" and not encoder.binary and config.dedup.qe_k == 0:
+        workdir = storage.Workdir.of(config.workdir)
+        threshold = storage.read_metadata(workdir.pairs(config.embed.backbone)).get("threshold")
+        with timed("incremental_state", metrics):
+            write_state(spark, config, float(threshold))
+    tracking.log_metrics(metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------ state
+def _augment_groups(alpha: float):
+    def run(pdf: pd.DataFrame) -> pd.DataFrame:
+        pdf = pdf.sort_values([S.SIMILARITY, S.NEIGHBOR_ID], ascending=[False, True])
+        vectors = _stack(pdf["vector"])[None]
+        sims = pdf[S.SIMILARITY].to_numpy(np.float32)
+        aug = matching.augment(vectors, sims[None], alpha)[0]
+        return pd.DataFrame({S.IMAGE_ID: [pdf[S.QUERY_ID].iloc[0]], AUG: [aug],
+                             DBA_IDS: [list(pdf[S.NEIGHBOR_ID])], DBA_SIMS: [list(sims)]})
+
+    return run
+
+
+def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
+    """The per-image state of the dedup just done: augmented vector, DBA list, rotated embeddings.
+
+    DBA lists come from one raw self-search with ``dba_k`` neighbours (:func:`search_neighbors`
+    with re-ranking off), rotated embeddings from the tables the full dedup just made.
+    """
+    config = registry.encoder_for(config).search_config()
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    emb = _ok_embeddings(spark, config)
+    if dba_on(config):
+        raw = config.with_overrides(dedup__dba_k=0, dedup__rotations=[0], dedup__qe_k=0)
+        lists = search_neighbors(spark, raw, config.dedup.dba_k, queries=emb.select(S.IMAGE_ID, S.EMBEDDING, F.lit(S.STATUS_OK).alias(S.STATUS)))
+        vectors = emb.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
+        aug = (lists.join(vectors, S.NEIGHBOR_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.SIMILARITY, "vector")
+               .groupBy(S.QUERY_ID).applyInPandas(
+                   _augment_groups(float(config.dedup.dba_alpha)),
+                   schema=f"{S.IMAGE_ID} string, {AUG} array<float>, {DBA_IDS} array<string>, {DBA_SIMS} array<float>"))
+        state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256).join(aug, S.IMAGE_ID)
+    else:
+        state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256, F.col(S.EMBEDDING).alias(AUG),
+                           F.array().cast("array<string>").alias(DBA_IDS), F.array().cast("array<float>").alias(DBA_SIMS))
+    for r in rotations_of(config):
+        rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
+        rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, F.col(S.EMBEDDING).alias(rot_column(r)))
+        state = state.join(rotated, S.IMAGE_ID, "left")
+    index = ix.IndexInfo.load(workdir.index_dir(method))
+    meta = {**fingerprint(config, threshold), "index_build_id": index.meta.get("build_id"), "count": index.meta["count"]}
+    tables.write_table(state, workdir.incremental(method), metadata=meta)
+
+
+# --------------------------------------------------------------- decision
+def plan(spark: SparkSession, config: Config) -> tuple[dict | None, str]:
+    """(what to add, "") when the incremental update gives the full rebuild's result; else (None, why not)."""
+    d = config.dedup
+    encoder = registry.encoder_for(config)
+    config = encoder.search_config()
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    if d.incremental == "never":
+        return None, "dedup.incremental=never"
+    if encoder.binary:
+        return None, f"{method} is a binary hash (Hamming search)"
+    if config.dedup.qe_k > 0:
+        return None, "query expansion (dedup.qe_k > 0) makes every list depend on every other"
+    for uri, what in ((workdir.pairs(method), "pairs"), (workdir.groups(method), "groups"),
+                      (workdir.incremental(method), "incremental state")):
+        if not tables.is_committed(spark, uri):
+            return None, f"no {what} table of a previous dedup"
+    try:
+        index = ix.IndexInfo.load(workdir.index_dir(method))
+    except FileNotFoundError:
+        return None, "no index"
+    state_meta = storage.read_metadata(workdir.incremental(method))
+    pairs_meta = storage.read_metadata(workdir.pairs(method))
+    threshold = pairs_meta.get("threshold")
+    if threshold is None or abs(threshold - encoder.threshold(index.meta.get("metric"))) > 1e-9:
+        return None, "the threshold changed since the last dedup"
+    if {k: state_meta.get(k) for k in fingerprint(config, threshold)} != fingerprint(config, threshold):
+        return None, "the model or the dedup settings changed since the last dedup"
+    if state_meta.get("index_build_id") != index.meta.get("build_id"):
+        return None, "the index was rebuilt since the last dedup"
+    if index.meta.get("type") != "flat" and d.incremental != "always":
+        return None, (f"index type {index.meta.get('type')} is approximate, so a rebuild would not give identical "
+                      "pairs (dedup.incremental=always updates anyway, scoring new pairs exactly)")
+    state = tables.read_table(spark, workdir.incremental(method), "incremental state")
+    emb = _ok_embeddings(spark, config)
+    gone = state.select(S.IMAGE_ID, S.CONTENT_SHA256).join(emb.select(S.IMAGE_ID, S.CONTENT_SHA256),
+                                                           [S.IMAGE_ID, S.CONTENT_SHA256], "left_anti").count()
+    if gone:
+        return None, f"{gone} image(s) changed or were deleted since the last dedup"
+    new = emb.join(state.select(S.IMAGE_ID), S.IMAGE_ID, "left_anti")
+    n_new = new.count()
+    if n_new > d.incremental_max_new:
+        return None, f"{n_new} new images > dedup.incremental_max_new={d.incremental_max_new}"
+    if max_degree(tables.read_table(spark, workdir.pairs(method), "pairs table")) >= d.k:
+        return None, f"an image has dedup.k={d.k} or more partners: its kNN list was truncated"
+    return {"new": n_new, "threshold": float(threshold), "index": index}, ""
+
+
+def max_degree(pairs: DataFrame) -> int:
+    ends = pairs.select(F.col(S.IMAGE_ID_A).alias("x")).unionAll(pairs.select(F.col(S.IMAGE_ID_B).alias("x")))
+    row = ends.groupBy("x").count().agg(F.max("count")).first()
+    return int(row[0] or 0)
+
+
+# ----------------------------------------------------------------- update
+def _dba_scan(new_ids: list[str], new_vectors: np.ndarray, dba_k: int):
+    """Per old image: its DBA list merged with the new images (emitted if it changed); per new image:
+    its best ``dba_k`` old neighbours within this batch (merged on the driver)."""
+    def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ids_new = np.asarray(new_ids, dtype=object)
+        for pdf in batches:
+            if not len(pdf):
+                continue
+            sims = _stack(pdf[S.EMBEDDING]) @ new_vectors.T
+            rows = []
+            for i, (image_id, old_ids, old_sims) in enumerate(zip(pdf[S.IMAGE_ID], pdf[DBA_IDS], pdf[DBA_SIMS])):
+                old_ids = np.asarray(list(old_ids), dtype=object)
+                vals = np.concatenate([np.asarray(old_sims, np.float32), sims[i]])
+                cols = np.lexsort((np.arange(len(vals)), -vals))[:dba_k]
+                if (cols >= len(old_ids)).any():
+                    merged = np.concatenate([old_ids, ids_new])[cols]
+                    rows.append(("old", image_id, list(merged), [float(v) for v in vals[cols]]))
+            best_sims, best_rows = matching.top_k(sims.T, dba_k)
+            old = pdf[S.IMAGE_ID].to_numpy()
+            for j, n in enumerate(ids_new):
+                rows.append(("new", n, list(old[best_rows[j]]), [float(v) for v in best_sims[j]]))
+            yield pd.DataFrame(rows, columns=["kind", S.IMAGE_ID, DBA_IDS, DBA_SIMS])
+
+    return scan
+
+
+def _pair_scan(d_ids: list[str], d_variants: np.ndarray, d_aug: np.ndarray, rot_cols: list[str],
+               threshold: float):
+    """Every pair (x in D, old y) with S(x, y) >= threshold; y's augmented vector is D's new one when y is in D."""
+    index_of = {x: i for i, x in enumerate(d_ids)}
+
+    def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            if not len(pdf):
+                continue
+            aug = _stack(pdf[AUG])
+            for i, y in enumerate(pdf[S.IMAGE_ID]):
+                if y in index_of:
+                    aug[i] = d_aug[index_of[y]]
+            variants = _variants(aug, [pdf[c] for c in rot_cols])
+            scores = matching.pair_scores(d_variants, d_aug, variants, aug)
+            xs, ys = np.nonzero(scores >= threshold)
+            yids = pdf[S.IMAGE_ID].to_numpy()
+            out = pd.DataFrame({"x": np.asarray(d_ids, dtype=object)[xs], "y": yids[ys],
+                                S.SIMILARITY: scores[xs, ys].astype(np.float32)})
+            yield out[out["x"] != out["y"]]
+
+    return scan
+
+
+def _variants(aug: np.ndarray, rotated: list) -> np.ndarray:
+    """(n, 1 + rotations, d): the augmented vector, then each rotated embedding (a missing one: aug again)."""
+    parts = [aug]
+    for column in rotated:
+        parts.append(np.stack([aug[i] if v is None else np.asarray(v, np.float32) for i, v in enumerate(column)]))
+    return np.stack(parts, axis=1)
+
+
+def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | None:
+    """Add the new images (index, pairs, groups, state); None when the result would need the full path."""
+    started = time.perf_counter()
+    config = registry.encoder_for(config).search_config()
+    d = config.dedup
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    threshold = todo["threshold"]
+    rot = rotations_of(config)
+    rot_cols = [rot_column(r) for r in rot]
+    state = tables.read_table(spark, workdir.incremental(method), "incremental state")
+    emb = _ok_embeddings(spark, config)
+    new_rows = sorted(emb.join(state.select(S.IMAGE_ID), S.IMAGE_ID, "left_anti").collect(), key=lambda r: r[S.IMAGE_ID])
+    new_ids = [r[S.IMAGE_ID] for r in new_rows]
+    dim = todo["index"].meta["dimension"]
+    vn = _stack(r[S.EMBEDDING] for r in new_rows) if new_rows else np.zeros((0, dim), np.float32)
+
+    # 1. DBA lists: old images that gain a new neighbour, and the new images' own lists.
+    lists: dict[str, tuple[list, list]] = {}
+    if dba_on(config) and new_ids:
+        k = d.dba_k
+        scanned = (state.select(S.IMAGE_ID, DBA_IDS, DBA_SIMS).join(emb.select(S.IMAGE_ID, S.EMBEDDING), S.IMAGE_ID)
+                   .mapInPandas(_dba_scan(new_ids, vn, k),
+                                schema=f"kind string, {S.IMAGE_ID} string, {DBA_IDS} array<string>, {DBA_SIMS} array<float>")
+                   .collect())
+        among_new = vn @ vn.T
+        partial: dict[str, list] = {n: [(float(among_new[j, i]), new_ids[i]) for i in range(len(new_ids))]
+                                    for j, n in enumerate(new_ids)}
+        for r in scanned:
+            if r["kind"] == "old":
+                lists[r[S.IMAGE_ID]] = (list(r[DBA_IDS]), list(r[DBA_SIMS]))
+            else:
+                partial[r[S.IMAGE_ID]] += list(zip(r[DBA_SIMS], r[DBA_IDS]))
+        for n, cands in partial.items():
+            best = sorted(cands, key=lambda c: (-c[0], c[1]))[:k]
+            lists[n] = ([c[1] for c in best], [c[0] for c in best])
+    d_ids = sorted(set(new_ids) | set(lists))
+    if not d_ids:  # nothing new: the pairs stand; the groups follow the current decisions
+        counts = write_groups(spark, config, threshold)
+        counts.update({"dedup_incremental": 1, "incremental_new_images": 0, "incremental_rescored_images": 0,
+                       "incremental_seconds": time.perf_counter() - started})
+        return counts
+
+    # 2. Vectors of D: augmented from the lists, rotated embeddings (new images: embedded now).
+    old_d = sorted(set(d_ids) - set(new_ids))
+    old_state = {r[S.IMAGE_ID]: r for r in state.where(F.col(S.IMAGE_ID).isin(old_d)).collect()} if old_d else {}
+    raw = {r[S.IMAGE_ID]: np.asarray(r[S.EMBEDDING], np.float32) for r in new_rows}
+    members = sorted({m for ids, _ in lists.values() for m in ids} - set(raw))
+    if members:
+        raw.update({r[S.IMAGE_ID]: np.asarray(r[S.EMBEDDING], np.float32)
+                    for r in emb.where(F.col(S.IMAGE_ID).isin(members)).select(S.IMAGE_ID, S.EMBEDDING).collect()})
+    if dba_on(config):
+        d_aug = np.stack([matching.augment(np.stack([raw[m] for m in lists[x][0]])[None],
+                                           np.asarray(lists[x][1], np.float32)[None], d.dba_alpha)[0]
+                          for x in d_ids]) if d_ids else np.zeros((0, dim), np.float32)
+    else:
+        d_aug = np.stack([raw[x] for x in d_ids]) if d_ids else np.zeros((0, dim), np.float32)
+    rotated_new = _embed_rotated(spark, config, new_ids, rot)
+    new_set = set(new_ids)
+    d_rot = [[rotated_new[r].get(x) if x in new_set else old_state[x][rot_column(r)] for x in d_ids] for r in rot]
+    d_variants = _variants(d_aug, d_rot)
+
+    # 3. Pairs touching D: against every old image (Spark scan), and against the new ones (here).
+    found = (state.select(S.IMAGE_ID, AUG, *rot_cols)
+             .mapInPandas(_pair_scan(d_ids, d_variants, d_aug, rot_cols, threshold),
+                          schema=f"x string, y string, {S.SIMILARITY} float").collect())
+    rows = [(r["x"], r["y"], float(r[S.SIMILARITY])) for r in found]
+    if new_ids:
+        pos = [d_ids.index(n) for n in new_ids]
+        scores = matching.pair_scores(d_variants, d_aug, d_variants[pos], d_aug[pos])
+        for i, j in zip(*np.nonzero(scores >= threshold)):
+            if d_ids[i] != new_ids[j]:
+                rows.append((d_ids[i], new_ids[j], float(scores[i, j])))
+    best: dict[tuple[str, str], float] = {}
+    for x, y, s in rows:
+        key = (min(x, y), max(x, y))
+        best[key] = max(best.get(key, -2.0), s)
+    touched = spark.createDataFrame([(x,) for x in d_ids], "x string") if d_ids else None
+    old_pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
+    kept = old_pairs
+    if touched is not None:
+        for column in (S.IMAGE_ID_A, S.IMAGE_ID_B):
+            kept = kept.join(F.broadcast(touched), F.col(column) == F.col("x"), "left_anti")
+    fresh = spark.createDataFrame([(a, b, s) for (a, b), s in sorted(best.items())], old_pairs.schema)
+    pairs = kept.select(*old_pairs.columns).unionByName(fresh).localCheckpoint()
+    if max_degree(pairs) >= d.k:
+        log.info("incremental dedup: an image now has dedup.k=%d or more partners: full dedup instead", d.k)
+        return None
+
+    # 4. Commit: pairs, groups, the index with the new vectors, then the state (the marker of it all).
+    pairs_meta = storage.read_metadata(workdir.pairs(method))
+    pairs_meta["incremental"] = {"new_images": len(new_ids), "rescored_images": len(d_ids),
+                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tables.write_table(pairs, workdir.pairs(method), metadata=pairs_meta)
+    counts = write_groups(spark, config, threshold)
+    info = append_to_index(config, todo["index"], new_ids, vn)
+    sha = {**{x: r[S.CONTENT_SHA256] for x, r in old_state.items()}, **{r[S.IMAGE_ID]: r[S.CONTENT_SHA256] for r in new_rows}}
+    d_rows = [(x, sha[x], d_aug[i].tolist(),
+               [str(m) for m in lists[x][0]] if x in lists else list(old_state[x][DBA_IDS] or []),
+               [float(v) for v in lists[x][1]] if x in lists else list(old_state[x][DBA_SIMS] or []),
+               *[None if v is None else [float(f) for f in v] for v in (d_rot[j][i] for j in range(len(rot)))])
+              for i, x in enumerate(d_ids)]
+    state_rows = spark.createDataFrame(d_rows, state.schema)
+    new_state = state.join(F.broadcast(touched), F.col(S.IMAGE_ID) == F.col("x"), "left_anti") if touched is not None else state
+    meta = {**storage.read_metadata(workdir.incremental(method)), "index_build_id": info.meta["build_id"],
+            "count": info.meta["count"]}
+    tables.write_table(new_state.select(*state.columns).unionByName(state_rows).localCheckpoint(),
+                       workdir.incremental(method), metadata=meta)
+    counts.update({"dedup_incremental": 1, "incremental_new_images": len(new_ids),
+                   "incremental_rescored_images": len(d_ids),
+                   "incremental_seconds": time.perf_counter() - started})
+    log.info("incremental dedup: %d new images, %d re-scored: %s", len(new_ids), len(d_ids), counts)
+    return counts
+
+
+def _embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations: list[int]) -> dict[int, dict]:
+    """The rotated embeddings of the new images only (``embed.rotation``; the model itself is unchanged)."""
+    out: dict[int, dict] = {r: {} for r in rotations}
+    if not ids or not rotations:
+        return out
+    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
+    chosen = images.where(F.col(S.IMAGE_ID).isin(ids) & (F.col(S.STATUS) == S.STATUS_OK))
+    # Every rotation in one job: the embed stage's batch function per rotation, one model load.
+    functions = {r: registry.encoder_for(config.with_overrides(embed__rotation=r)).embed_function() for r in rotations}
+
+    def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            for r, fn in functions.items():
+                vectors, _ = fn(list(pdf[S.CONTENT]))
+                yield pd.DataFrame({"rotation": r, S.IMAGE_ID: pdf[S.IMAGE_ID],
+                                    S.EMBEDDING: [None if v is None else np.asarray(v, np.float32) for v in vectors]})
+
+    rows = (chosen.select(S.IMAGE_ID, S.CONTENT).repartition(spark.sparkContext.defaultParallelism)
+            .mapInPandas(embed, schema=f"rotation int, {S.IMAGE_ID} string, {S.EMBEDDING} array<float>").collect())
+    for row in rows:
+        if row[S.EMBEDDING] is not None:
+            out[row["rotation"]][row[S.IMAGE_ID]] = np.asarray(row[S.EMBEDDING], np.float32)
+    return out
+
+
+def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors: np.ndarray) -> ix.IndexInfo:
+    """The new vectors as one more shard (ids continue after the last one, in image-id order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = dict(info.meta)
+    if not ids:
+        return info
+    started = time.perf_counter()
+    _drop_orphan_parts(info.path, meta.get("appended", []))
+    first = int(meta["count"])
+    faiss_ids = np.arange(first, first + len(ids), dtype=np.int64)
+    shard = max(s["shard"] for s in meta["shards"]) + 1
+    if meta.get("trained"):
+        index = faiss_index.read_index(f"{info.path}/{ix.TRAINED}")
+    else:
+        index = faiss_index.new_index(meta["factory"], int(meta["dimension"]))
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), faiss_ids)
+    build = uuid.uuid4().hex[:12]
+    part = f"{info.path}/idmap/part-appended-{build}.parquet"
+    idmap = pa.table({S.FAISS_ID: pa.array(faiss_ids, pa.int64()), S.IMAGE_ID: pa.array(ids, pa.string()),
+                      S.SHARD: pa.array([shard] * len(ids), pa.int32())})
+    fs, path = storage._arrow_fs(part)
+    pq.write_table(idmap, path, filesystem=fs)
+    faiss_index.write_index(ix.shard_file(info.path, shard), index)
+    meta["shards"] = meta["shards"] + [{"shard": shard, "count": len(ids), "build_seconds": time.perf_counter() - started}]
+    meta["count"] = first + len(ids)
+    meta["build_id"] = build
+    meta["appended"] = meta.get("appended", []) + [build]
+    storage.write_json(f"{info.path}/{ix.INDEX_JSON}", meta)
+    return ix.IndexInfo(info.path, meta)
+
+
+def _drop_orphan_parts(index_dir: str, committed: list[str]) -> None:
+    """Id-map parts of an append interrupted before its index.json was written (their ids would repeat)."""
+    from pyarrow import fs as pafs
+
+    fs, root = storage._arrow_fs(f"{index_dir}/idmap")
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        name = entry.base_name
+        if name.startswith("part-appended-") and name[len("part-appended-"):].split(".")[0] not in committed:
+            log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
+            fs.delete_file(entry.path)
+
+
+def write_groups(spark: SparkSession, config: Config, threshold: float) -> dict[str, Any]:
+    """Groups from the committed pairs table, as :func:`pipeline.stages.dedup.dedup` makes them."""
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    d = config.dedup
+    pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
+    images = tables.read_table(spark, workdir.images, "image table")
+    scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
+    try:
+        declared = dd.read_not_duplicates(d.not_duplicates) if d.not_duplicates else []
+        forbidden, unmatched = dd.resolve_not_duplicates(spark, declared, images)
+        n_pairs = pairs.count()
+        if not forbidden and n_pairs <= DRIVER_COMPONENTS_MAX:
+            # Few edges: union-find here (the oracle the Spark components are tested against)
+            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
+            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
+            components = spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string")
+            split = 0
+        else:
+            components, split = dd.components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
+        groups = dd.groups_with_keep(components, images, d.keep, d.keep_folders)
+        tables.write_table(groups, workdir.groups(method),
+                           metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
+                                     "not_duplicates": d.not_duplicates, "threshold": threshold})
+    finally:
+        tables.remove(spark, scratch)
+    groups = tables.read_table(spark, workdir.groups(method), "groups table")
+    counts = {"pairs": pairs.count(), "groups": groups.select(S.GROUP_ID).distinct().count(),
+              "images_in_groups": groups.count(), "images_to_remove": groups.where(~F.col(S.KEEP)).count()}
+    if d.not_duplicates:
+        counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
+                       "groups_split_by_not_duplicates": split})
+    return counts
