@@ -8,6 +8,7 @@ the network together. The model is cached per Python worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, local_path_of
 from pipeline.core import pooling, preprocess
-from pipeline.encoders import backbones, postprocess
+from pipeline.encoders import backbones, postprocess, runtimes
 from pipeline.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
 
 
 def model_key(config: Config) -> backbones.ModelKey:
@@ -46,6 +49,8 @@ def model_key(config: Config) -> backbones.ModelKey:
         postprocess=uri,
         postprocess_version=version,
         rotation=int(e.rotation),
+        runtime=e.runtime,
+        precision=e.precision,
     )
 
 
@@ -72,7 +77,8 @@ def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels
     errors: list[str | None] = [None] * len(contents)
     for i, content in enumerate(contents):
         try:
-            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation)
+            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation,
+                                           key.input_mode)
             pixels[i] = [preprocess.resized(image, side, key.input_mode, key.size_multiple) for side in sides]
         except Exception as exc:  # a bad image is a recorded row, never a failed job
             errors[i] = f"decode failed: {exc}"
@@ -149,10 +155,10 @@ class CnnBatchEmbedder:
     batch_size: int
     max_pixels: int
     tf_threads: int
+    choice: runtimes.RuntimeChoice = runtimes.RuntimeChoice()
 
     def __call__(self, contents: Sequence[bytes]) -> tuple[list, list]:
-        backbones.configure_tensorflow_threads(self.tf_threads)
-        model = backbones.load_embedding_model(self.key)
+        model = runtimes.load(self.key, self.choice, self.tf_threads)
         return embed_contents(model, list(contents), self.batch_size, self.max_pixels)
 
 
@@ -185,9 +191,20 @@ class CnnEncoder(Encoder):
     def fingerprint(self) -> dict[str, Any]:
         return dataclasses.asdict(self.key())
 
+    def runtime(self) -> runtimes.RuntimeChoice:
+        """The inference runtime the executors use (decided here, on the driver; see :mod:`runtimes`)."""
+        e = self.config.embed
+        local = local_path_of(self.config.workdir)
+        cache = runtimes.default_cache_dir(os.path.abspath(local) if local else None)
+        choice = runtimes.prepare(self.key(), e.runtime, e.precision, cache, e.calibration_input,
+                                  self.config.ingest.max_pixels, e.calibration_images)
+        log.info("embed runtime for %s: %s %s (%s)", self.name, choice.runtime, choice.precision, choice.reason)
+        return choice
+
     def embed_function(self) -> CnnBatchEmbedder:
         e = self.config.embed
-        return CnnBatchEmbedder(self.key(), e.batch_size, self.config.ingest.max_pixels, e.tf_threads)
+        return CnnBatchEmbedder(self.key(), e.batch_size, self.config.ingest.max_pixels, e.tf_threads,
+                                self.runtime())
 
     def mlflow_params(self) -> dict[str, Any]:
         """The descriptor and re-ranking options of a run (analysts compare runs by these)."""
@@ -204,6 +221,7 @@ class CnnEncoder(Encoder):
             "postprocess": e.postprocess or "none",
             "dba_k": d.dba_k, "dba_alpha": d.dba_alpha, "qe_k": d.qe_k, "qe_alpha": d.qe_alpha,
             "rotations": ",".join(str(r) for r in d.rotations),
+            "runtime": e.runtime, "precision": e.precision,
         }
 
 
