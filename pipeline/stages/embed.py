@@ -27,6 +27,10 @@ from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
+# Above this many images to (re-)embed, the ids to embed are joined normally instead of broadcast.
+BROADCAST_LIMIT = 1_000_000
+_SAME = "same_content"
+
 EMBED_RESULT = T.StructType([
     T.StructField(S.EMBEDDING, T.ArrayType(T.FloatType(), False), True),
     T.StructField(S.ERROR, T.StringType(), True),
@@ -65,18 +69,31 @@ def _die_once(marker: str) -> None:
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
     """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content).
 
-    Every encoder gives the same table; they differ only in the per-batch function.
+    Every encoder gives the same table; they differ only in the per-batch function. Each
+    distinct content is embedded once: rows with the same ``content_sha256`` (exact copies)
+    share the embedding of the first of them (by image id).
     """
     encoder = registry.encoder_for(config)
     udf = make_embed_udf(config, encoder)
     partitions_per_core = encoder.partitions_per_core
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
+    # A row without a hash is its own content.
+    same = F.coalesce(F.col(S.CONTENT_SHA256), F.concat(F.lit("id:"), F.col(S.IMAGE_ID))).alias(_SAME)
+    keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
+    first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
+    copies = keys.count() - first.count()
+    todo = ok
+    if copies:
+        # Only the (small) ids travel: the image bytes are filtered where they lie.
+        chosen = first.select(S.IMAGE_ID)
+        todo = ok.join(F.broadcast(chosen) if first.count() <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
+        log.info("%d exact copies (same content_sha256) share the embedding of their first image", copies)
     # At least one partition per core, so a small corpus still uses every executor core.
-    n = max(ok.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
+    n = max(todo.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
     result = udf(F.col(S.IMAGE_ID), F.col(S.CONTENT))
-    return (
-        ok.repartition(n)
+    embedded = (
+        todo.repartition(n)
         .select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
         .select(
             F.col(S.IMAGE_ID),
@@ -87,6 +104,12 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
             F.col("r." + S.ERROR).alias(S.ERROR),
         )
     )
+    if not copies:
+        return embedded
+    shared = embedded.select(F.col(S.IMAGE_ID).alias("first_id"), *[c for c in S.EMBEDDING_TABLE.fieldNames()
+                                                                     if c not in (S.IMAGE_ID, S.CONTENT_SHA256)])
+    return (keys.join(first.withColumnRenamed(S.IMAGE_ID, "first_id"), _SAME).join(shared, "first_id")
+            .select(*S.EMBEDDING_TABLE.fieldNames()))
 
 
 # Embed settings that change how fast, not what, is computed.
@@ -108,10 +131,6 @@ def model_fingerprint(config: Config) -> dict:
     return json.loads(json.dumps({"settings": settings, "model": key, "files": files,
                                   "max_pixels": config.ingest.max_pixels,
                                   "schema": S.EMBEDDING_TABLE.simpleString()}, sort_keys=True, default=str))
-
-
-# Above this many images to (re-)embed, the ids to embed are joined normally instead of broadcast.
-BROADCAST_LIMIT = 1_000_000
 
 
 def _keys(compared: DataFrame, *kinds: str) -> DataFrame:
@@ -167,5 +186,7 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     counts.update({r[S.STATUS]: r["count"] for r in written.groupBy(S.STATUS).count().collect()})
     counts.update(changes)
     counts["embedded"] = changes["new"] + changes["changed"]
+    # Rows sharing another row's embedding because their bytes are the same (embedded once).
+    counts["exact_copies"] = written.count() - written.select(S.CONTENT_SHA256).distinct().count()
     log.info("embedded with %s: %s", config.embed.backbone, counts)
     return counts
