@@ -87,6 +87,9 @@ class EmbedSettings:
     # int8 (post-training quantization calibrated on calibration_input, never the searched images).
     precision: str = "auto"
     calibration_input: list[str] = field(default_factory=list)
+    # Rotated queries (dedup.rotations): embed the rotated views in the embed stage's pass, from
+    # the same decode, instead of one more pass over the images per rotation (same vectors).
+    views_in_one_pass: bool = True
     calibration_images: int = 128  # int8: at most this many, spread over calibration_input
 
 

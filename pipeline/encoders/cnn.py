@@ -70,8 +70,15 @@ def _decode_pool() -> ThreadPoolExecutor:
     return _DECODE_POOL
 
 
-def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int):
-    """Decode a chunk: per image a list of pixel arrays (one per scale) or None, and errors."""
+_TRANSPOSE = {90: 2, 180: 3, 270: 4}  # PIL Image.Transpose ROTATE_90 / ROTATE_180 / ROTATE_270
+
+
+def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int, views: Sequence[int]):
+    """Decode a chunk: per image a list of pixel arrays (per view, per scale) or None, and errors.
+
+    A view is the decoded (and trimmed) image rotated by that many more degrees: the same
+    pixels a separate pass with ``embed.rotation`` would give, for one decode.
+    """
     sides = _sides(key)
     pixels: list[list[np.ndarray] | None] = [None] * len(contents)
     errors: list[str | None] = [None] * len(contents)
@@ -79,7 +86,8 @@ def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels
         try:
             image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation,
                                            key.input_mode)
-            pixels[i] = [preprocess.resized(image, side, key.input_mode, key.size_multiple) for side in sides]
+            pixels[i] = [preprocess.resized(image if v == 0 else image.transpose(_TRANSPOSE[v]), side,
+                                            key.input_mode, key.size_multiple) for v in views for side in sides]
         except Exception as exc:  # a bad image is a recorded row, never a failed job
             errors[i] = f"decode failed: {exc}"
     return pixels, errors
@@ -92,22 +100,33 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
     image in ``squash`` mode, a size bucket in ``aspect`` mode) go through the network
     together in chunks of ``batch_size``.
     """
+    per_view, errors = embed_views(model, contents, batch_size, max_pixels, (0,))
+    return per_view[0], errors
+
+
+def embed_views(model, contents: Sequence[bytes], batch_size: int, max_pixels: int,
+                views: Sequence[int]) -> tuple[list[list], list]:
+    """:func:`embed_contents` for several rotated views of each image, decoded once.
+
+    Returns (per view, the embeddings or None per image; errors or None per image).
+    """
     key = model.key
     n_scales = len(key.scales)
+    n_slots = n_scales * len(views)
     pool = _decode_pool()
     chunks = [contents[i:i + batch_size] for i in range(0, len(contents), batch_size)]
-    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels) for chunk in chunks]
+    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels, tuple(views)) for chunk in chunks]
     pixels: list[list[np.ndarray] | None] = []
     errors: list[str | None] = []
-    pooled = np.zeros((len(contents), n_scales, model.features_dim), np.float32)
-    # Per scale and shape, rows waiting for a full batch.
+    pooled = np.zeros((len(contents), n_slots, model.features_dim), np.float32)
+    # Per (view, scale) slot and shape, rows waiting for a full batch.
     waiting: dict[tuple, list[int]] = {}
 
-    def run(scale: int, shape: tuple, rows: list[int]) -> None:
-        batch = np.stack([pixels[r][scale] for r in rows])
+    def run(slot: int, shape: tuple, rows: list[int]) -> None:
+        batch = np.stack([pixels[r][slot] for r in rows])
         if key.input_mode == "squash":
             batch = _pad(batch, batch_size)
-        pooled[rows, scale] = model(batch)[: len(rows)]
+        pooled[rows, slot] = model(batch)[: len(rows)]
 
     for future in futures:
         chunk_pixels, chunk_errors = future.result()
@@ -117,7 +136,7 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
         for i, p in enumerate(chunk_pixels):
             if p is None:
                 continue
-            for s in range(n_scales):
+            for s in range(n_slots):
                 rows = waiting.setdefault((s, p[s].shape), [])
                 rows.append(start + i)
                 if len(rows) == batch_size:
@@ -127,15 +146,17 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
         if rows:
             run(s, shape, rows)
     ok = [i for i, e in enumerate(errors) if e is None]
-    embeddings: list[np.ndarray | None] = [None] * len(contents)
-    if ok:
-        per_scale = pooled[ok]
-        combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
-            [per_scale[:, s] for s in range(n_scales)])
-        final = model.postprocess(combined)
-        for i, v in zip(ok, final):
-            embeddings[i] = v
-    return embeddings, errors
+    out: list[list] = []
+    for v in range(len(views)):
+        embeddings: list[np.ndarray | None] = [None] * len(contents)
+        if ok:
+            per_scale = pooled[ok][:, v * n_scales:(v + 1) * n_scales]
+            combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
+                [per_scale[:, s] for s in range(n_scales)])
+            for i, vec in zip(ok, model.postprocess(combined)):
+                embeddings[i] = vec
+        out.append(embeddings)
+    return out, errors
 
 
 def _pad(pixels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -161,11 +182,17 @@ class CnnBatchEmbedder:
         model = runtimes.load(self.key, self.choice, self.tf_threads)
         return embed_contents(model, list(contents), self.batch_size, self.max_pixels)
 
+    def views(self, contents: Sequence[bytes], views: Sequence[int]) -> tuple[list[list], list]:
+        """Embeddings of several rotated views of each image, decoded once (rotated queries)."""
+        model = runtimes.load(self.key, self.choice, self.tf_threads)
+        return embed_views(model, list(contents), self.batch_size, self.max_pixels, views)
+
 
 class CnnEncoder(Encoder):
     """A ``keras.applications`` backbone of :data:`pipeline.encoders.backbones.REGISTRY`."""
 
     kind = "cnn"
+    embeds_views = True
 
     def validate(self) -> None:
         e = self.config.embed
