@@ -41,8 +41,9 @@ def section(result: dict, name: str) -> str:
         lines.append(f"| {key}{note} | {_f(r['images_per_second'])} | {r['images_per_second'] / plain:.2f} |")
     lines += [
         "",
-        "End to end (from files to duplicate groups; images/s over the whole corpus; N-S on the 500 "
-        "ukbench-dev originals from each tool's own descriptors, cosine top 4; pair precision / recall "
+        "End to end (from files to duplicate groups; images/s over the whole corpus; N-S on the "
+        f"{result['plain_keras'].get('images', '?')} ukbench-dev originals of the corpus from each tool's own "
+        "descriptors, cosine top 4; pair precision / recall "
         "over the corpus at each tool's default threshold):",
         "",
         "| tool | images/s | × plain Keras | N-S | pair precision | pair recall |",
