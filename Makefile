@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 SHARED ?= $(CURDIR)/../shared
 
-.PHONY: setup java demo test bench bench-scale lint lock seed-weights clean
+.PHONY: setup java demo test bench bench-embed bench-peer bench-scale lint lock seed-weights clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,8 +44,25 @@ test: java seed-weights
 	@command -v chromium >/dev/null 2>&1 || echo "NOTE: the report's browser test is skipped without Chromium; install it with: sudo apt-get update && sudo apt-get install -y chromium"
 	$(WITH_JAVA) $(VENV)/bin/pytest -q tests
 
+# Throughput side by side in one run (issue 10): plain Keras loop, each runtime, the default `run`
+# end to end, and the peers of `make bench-peer` (skipped, with a note, when not installed);
+# rewrites the README's speed section from the JSON.
 bench: java seed-weights
+	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --readme README.md \
+	  --variant '{"dedup__rotations": [0]}'
+
+# The embed stage alone against a plain Keras loop (the earlier, embed-only benchmark).
+bench-embed: java seed-weights
 	$(WITH_JAVA) $(PY) bench/bench_embed.py --data "$(SHARED)/data/ukbench-dev" --out bench/results
+
+# The peers of `make bench`, each in its own virtualenv, from PyPI (imagededup pulls PyTorch;
+# its CNN needs torchvision's MobileNetV3 weights, downloaded on first use).
+PEER_PYTHON ?= $(PYTHON)
+bench-peer:
+	for p in fastdup imagededup; do \
+	  test -x bench/.venv-$$p/bin/python || $(PEER_PYTHON) -m venv bench/.venv-$$p; \
+	  bench/.venv-$$p/bin/pip install -q -r bench/peers/requirements-$$p.txt || echo "$$p: install failed"; \
+	done
 
 # Archive scale: the real index + dedup jobs on synthetic tables fitted to real embeddings,
 # against plain FAISS (docs/scaling.md). SIZES=20000 for a quick smoke; 1M needs ~15 GB of disk.

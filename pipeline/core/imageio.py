@@ -25,6 +25,7 @@ are reported the same way.
 from __future__ import annotations
 
 import io
+import math
 import logging
 import os
 import re
@@ -215,12 +216,14 @@ def decode_rgb(
     content: bytes,
     min_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    longest_side: int | None = None,
 ) -> Image.Image:
     """Decode to an RGB image in displayed orientation.
 
     ``min_size`` is the displayed (width, height) the caller will resize to; JPEGs
     are then DCT-scaled by 1/2, 1/4 or 1/8 as long as both sides stay >= min_size,
-    which bounds memory and time on tens-of-megapixel photos. Transparent images
+    which bounds memory and time on tens-of-megapixel photos. ``longest_side`` instead
+    keeps only the longer side >= it (the caller keeps the aspect ratio). Transparent images
     are composited on white; animated images yield their first frame.
     Raises :class:`ImageDecodeError` for bad data.
     """
@@ -234,7 +237,11 @@ def decode_rgb(
         orientation: int | None = None
         if im.format in _DRAFT_FORMATS:
             orientation = _orientation(im)
-            if min_size is not None:
+            if longest_side is not None:
+                # The same scale on both sides: the orientation does not matter here.
+                scale = longest_side / max(im.size)
+                im.draft("RGB", (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
+            elif min_size is not None:
                 want_w, want_h = min_size
                 # draft() works on the stored raster; a 90-degree orientation means
                 # the displayed width is the stored height.

@@ -28,13 +28,13 @@ def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
     tuple of int
         ``top, left, bottom, right`` (bottom/right exclusive).
     """
-    a = np.asarray(image, dtype=np.float32)
+    a = np.asarray(image)
     if a.ndim == 2:
         a = a[..., None]
     h, w = a.shape[:2]
-    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]])
+    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]).astype(np.float32)
     ref = np.median(corners, axis=0)
-    close = np.abs(a - ref).max(axis=-1) <= tol
+    close = _close_to(a, ref, tol)
     rows = close.mean(axis=1) >= min_uniform
     cols = close.mean(axis=0) >= min_uniform
 
@@ -54,6 +54,19 @@ def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
     return top, left, bottom, right
 
 
+def _close_to(a: np.ndarray, ref: np.ndarray, tol: float) -> np.ndarray:
+    """``max over channels |a - ref| <= tol`` per pixel; uint8 images through a lookup table (fast)."""
+    if a.dtype != np.uint8:
+        return np.abs(a.astype(np.float32) - ref).max(axis=-1) <= tol
+    values = np.arange(256, dtype=np.float32)
+    close = None
+    for c in range(a.shape[-1]):
+        lut = np.abs(values - ref[c]) <= tol
+        hit = lut[a[..., c]]
+        close = hit if close is None else close & hit
+    return close
+
+
 def decode_for_model(content: bytes, side: int, max_pixels: int, *, mode: str = "squash",
                      trim: bool = False, rotation: int = 0, size_multiple: int = 16) -> np.ndarray:
     """Bytes -> uint8 pixels for the network.
@@ -63,15 +76,22 @@ def decode_for_model(content: bytes, side: int, max_pixels: int, *, mode: str = 
     ``size_multiple`` so that a collection yields a few distinct shapes to batch.
     ``trim`` crops plain-colour borders first; ``rotation`` rotates counter-clockwise.
     """
-    image = decode_image(content, side, max_pixels, trim, rotation)
+    image = decode_image(content, side, max_pixels, trim, rotation, mode)
     return resized(image, side, mode, size_multiple)
 
 
-def decode_image(content: bytes, side: int, max_pixels: int, trim: bool, rotation: int):
-    """Bytes -> RGB PIL image in displayed orientation, plain borders trimmed, rotated counter-clockwise."""
+def decode_image(content: bytes, side: int, max_pixels: int, trim: bool, rotation: int, mode: str = "squash"):
+    """Bytes -> RGB PIL image in displayed orientation, plain borders trimmed, rotated counter-clockwise.
+
+    JPEGs are decoded DCT-scaled to the smallest size that still covers the network input:
+    both sides >= ``side`` for ``squash``, the longest side >= ``side`` for ``aspect``.
+    """
     from PIL import Image
 
-    image = imageio.decode_rgb(content, min_size=(side, side), max_pixels=max_pixels)
+    if mode == "aspect":
+        image = imageio.decode_rgb(content, max_pixels=max_pixels, longest_side=side)
+    else:
+        image = imageio.decode_rgb(content, min_size=(side, side), max_pixels=max_pixels)
     if trim:
         image = trimmed(image)
     if rotation:

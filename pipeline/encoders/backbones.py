@@ -118,6 +118,8 @@ class ModelKey:
     postprocess: str | None = None  # URI of a post-processing artifact (.npz)
     postprocess_version: str | None = None  # its content hash
     rotation: int = 0
+    runtime: str = "tensorflow"  # embed.runtime as set (the executors run what the driver chose)
+    precision: str = "fp32"  # embed.precision as set
 
 
 class EmbeddingModel:
@@ -149,12 +151,7 @@ class EmbeddingModel:
             return vectors.l2_normalize_tf(tf.cast(y, tf.float32))
 
         self._embed = embed
-        self.whitening = None
-        if key.postprocess:
-            self.whitening = whitening.load_whitening_uri(key.postprocess)
-            if self.whitening.input_dim != self.features_dim:
-                raise ValueError(f"post-processing {key.postprocess} expects {self.whitening.input_dim}-d "
-                                 f"descriptors, backbone {key.backbone} gives {self.features_dim}-d")
+        self.whitening = load_postprocess(key, self.features_dim)
         self.dim = self.whitening.dim if self.whitening is not None else self.features_dim
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -163,14 +160,28 @@ class EmbeddingModel:
 
     def postprocess(self, X: np.ndarray) -> np.ndarray:
         """Pooled descriptors -> final embeddings (power normalisation, learned projection, L2)."""
+        return apply_postprocess(self.key, self.whitening, X)
 
 
-        X = np.asarray(X, dtype=np.float32)
-        if self.key.power_norm != 1.0:
-            X = whitening.power_normalise(X, self.key.power_norm)
-        if self.whitening is not None:
-            X = self.whitening.apply(X)
-        return vectors.l2_normalize(X)
+def load_postprocess(key: ModelKey, features_dim: int):
+    """The learned post-processing of ``key`` (None when there is none), checked against the backbone."""
+    if not key.postprocess:
+        return None
+    loaded = whitening.load_whitening_uri(key.postprocess)
+    if loaded.input_dim != features_dim:
+        raise ValueError(f"post-processing {key.postprocess} expects {loaded.input_dim}-d "
+                         f"descriptors, backbone {key.backbone} gives {features_dim}-d")
+    return loaded
+
+
+def apply_postprocess(key: ModelKey, learned, X: np.ndarray) -> np.ndarray:
+    """Pooled descriptors -> final embeddings (power normalisation, learned projection, L2)."""
+    X = np.asarray(X, dtype=np.float32)
+    if key.power_norm != 1.0:
+        X = whitening.power_normalise(X, key.power_norm)
+    if learned is not None:
+        X = learned.apply(X)
+    return vectors.l2_normalize(X)
 
 
 def scale_pixels(x, mode: str):

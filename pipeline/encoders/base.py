@@ -35,6 +35,8 @@ class Encoder:
     binary: ClassVar[bool] = False
     #: Database-side augmentation, alpha-query expansion and rotated queries apply.
     reranking: ClassVar[bool] = True
+    #: The embed function has ``views(contents, rotations)``: rotated views from one decode.
+    embeds_views: ClassVar[bool] = False
     #: Embed partitions per executor core (per-image CPU-bound methods want a few).
     partitions_per_core: ClassVar[int] = 1
     #: What ``neardup train`` learns for this encoder: the embedding post-processing

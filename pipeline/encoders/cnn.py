@@ -8,6 +8,7 @@ the network together. The model is cached per Python worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, local_path_of
 from pipeline.core import pooling, preprocess
-from pipeline.encoders import backbones, postprocess
+from pipeline.encoders import backbones, postprocess, runtimes
 from pipeline.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
 
 
 def model_key(config: Config) -> backbones.ModelKey:
@@ -46,6 +49,8 @@ def model_key(config: Config) -> backbones.ModelKey:
         postprocess=uri,
         postprocess_version=version,
         rotation=int(e.rotation),
+        runtime=e.runtime,
+        precision=e.precision,
     )
 
 
@@ -65,15 +70,24 @@ def _decode_pool() -> ThreadPoolExecutor:
     return _DECODE_POOL
 
 
-def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int):
-    """Decode a chunk: per image a list of pixel arrays (one per scale) or None, and errors."""
+_TRANSPOSE = {90: 2, 180: 3, 270: 4}  # PIL Image.Transpose ROTATE_90 / ROTATE_180 / ROTATE_270
+
+
+def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int, views: Sequence[int]):
+    """Decode a chunk: per image a list of pixel arrays (per view, per scale) or None, and errors.
+
+    A view is the decoded (and trimmed) image rotated by that many more degrees: the same
+    pixels a separate pass with ``embed.rotation`` would give, for one decode.
+    """
     sides = _sides(key)
     pixels: list[list[np.ndarray] | None] = [None] * len(contents)
     errors: list[str | None] = [None] * len(contents)
     for i, content in enumerate(contents):
         try:
-            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation)
-            pixels[i] = [preprocess.resized(image, side, key.input_mode, key.size_multiple) for side in sides]
+            image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation,
+                                           key.input_mode)
+            pixels[i] = [preprocess.resized(image if v == 0 else image.transpose(_TRANSPOSE[v]), side,
+                                            key.input_mode, key.size_multiple) for v in views for side in sides]
         except Exception as exc:  # a bad image is a recorded row, never a failed job
             errors[i] = f"decode failed: {exc}"
     return pixels, errors
@@ -86,22 +100,33 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
     image in ``squash`` mode, a size bucket in ``aspect`` mode) go through the network
     together in chunks of ``batch_size``.
     """
+    per_view, errors = embed_views(model, contents, batch_size, max_pixels, (0,))
+    return per_view[0], errors
+
+
+def embed_views(model, contents: Sequence[bytes], batch_size: int, max_pixels: int,
+                views: Sequence[int]) -> tuple[list[list], list]:
+    """:func:`embed_contents` for several rotated views of each image, decoded once.
+
+    Returns (per view, the embeddings or None per image; errors or None per image).
+    """
     key = model.key
     n_scales = len(key.scales)
+    n_slots = n_scales * len(views)
     pool = _decode_pool()
     chunks = [contents[i:i + batch_size] for i in range(0, len(contents), batch_size)]
-    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels) for chunk in chunks]
+    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels, tuple(views)) for chunk in chunks]
     pixels: list[list[np.ndarray] | None] = []
     errors: list[str | None] = []
-    pooled = np.zeros((len(contents), n_scales, model.features_dim), np.float32)
-    # Per scale and shape, rows waiting for a full batch.
+    pooled = np.zeros((len(contents), n_slots, model.features_dim), np.float32)
+    # Per (view, scale) slot and shape, rows waiting for a full batch.
     waiting: dict[tuple, list[int]] = {}
 
-    def run(scale: int, shape: tuple, rows: list[int]) -> None:
-        batch = np.stack([pixels[r][scale] for r in rows])
+    def run(slot: int, shape: tuple, rows: list[int]) -> None:
+        batch = np.stack([pixels[r][slot] for r in rows])
         if key.input_mode == "squash":
             batch = _pad(batch, batch_size)
-        pooled[rows, scale] = model(batch)[: len(rows)]
+        pooled[rows, slot] = model(batch)[: len(rows)]
 
     for future in futures:
         chunk_pixels, chunk_errors = future.result()
@@ -111,7 +136,7 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
         for i, p in enumerate(chunk_pixels):
             if p is None:
                 continue
-            for s in range(n_scales):
+            for s in range(n_slots):
                 rows = waiting.setdefault((s, p[s].shape), [])
                 rows.append(start + i)
                 if len(rows) == batch_size:
@@ -121,15 +146,17 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
         if rows:
             run(s, shape, rows)
     ok = [i for i, e in enumerate(errors) if e is None]
-    embeddings: list[np.ndarray | None] = [None] * len(contents)
-    if ok:
-        per_scale = pooled[ok]
-        combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
-            [per_scale[:, s] for s in range(n_scales)])
-        final = model.postprocess(combined)
-        for i, v in zip(ok, final):
-            embeddings[i] = v
-    return embeddings, errors
+    out: list[list] = []
+    for v in range(len(views)):
+        embeddings: list[np.ndarray | None] = [None] * len(contents)
+        if ok:
+            per_scale = pooled[ok][:, v * n_scales:(v + 1) * n_scales]
+            combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
+                [per_scale[:, s] for s in range(n_scales)])
+            for i, vec in zip(ok, model.postprocess(combined)):
+                embeddings[i] = vec
+        out.append(embeddings)
+    return out, errors
 
 
 def _pad(pixels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -149,17 +176,23 @@ class CnnBatchEmbedder:
     batch_size: int
     max_pixels: int
     tf_threads: int
+    choice: runtimes.RuntimeChoice = runtimes.RuntimeChoice()
 
     def __call__(self, contents: Sequence[bytes]) -> tuple[list, list]:
-        backbones.configure_tensorflow_threads(self.tf_threads)
-        model = backbones.load_embedding_model(self.key)
+        model = runtimes.load(self.key, self.choice, self.tf_threads)
         return embed_contents(model, list(contents), self.batch_size, self.max_pixels)
+
+    def views(self, contents: Sequence[bytes], views: Sequence[int]) -> tuple[list[list], list]:
+        """Embeddings of several rotated views of each image, decoded once (rotated queries)."""
+        model = runtimes.load(self.key, self.choice, self.tf_threads)
+        return embed_views(model, list(contents), self.batch_size, self.max_pixels, views)
 
 
 class CnnEncoder(Encoder):
     """A ``keras.applications`` backbone of :data:`pipeline.encoders.backbones.REGISTRY`."""
 
     kind = "cnn"
+    embeds_views = True
 
     def validate(self) -> None:
         e = self.config.embed
@@ -185,9 +218,20 @@ class CnnEncoder(Encoder):
     def fingerprint(self) -> dict[str, Any]:
         return dataclasses.asdict(self.key())
 
+    def runtime(self) -> runtimes.RuntimeChoice:
+        """The inference runtime the executors use (decided here, on the driver; see :mod:`runtimes`)."""
+        e = self.config.embed
+        local = local_path_of(self.config.workdir)
+        cache = runtimes.default_cache_dir(os.path.abspath(local) if local else None)
+        choice = runtimes.prepare(self.key(), e.runtime, e.precision, cache, e.calibration_input,
+                                  self.config.ingest.max_pixels, e.calibration_images)
+        log.info("embed runtime for %s: %s %s (%s)", self.name, choice.runtime, choice.precision, choice.reason)
+        return choice
+
     def embed_function(self) -> CnnBatchEmbedder:
         e = self.config.embed
-        return CnnBatchEmbedder(self.key(), e.batch_size, self.config.ingest.max_pixels, e.tf_threads)
+        return CnnBatchEmbedder(self.key(), e.batch_size, self.config.ingest.max_pixels, e.tf_threads,
+                                self.runtime())
 
     def mlflow_params(self) -> dict[str, Any]:
         """The descriptor and re-ranking options of a run (analysts compare runs by these)."""
@@ -204,6 +248,7 @@ class CnnEncoder(Encoder):
             "postprocess": e.postprocess or "none",
             "dba_k": d.dba_k, "dba_alpha": d.dba_alpha, "qe_k": d.qe_k, "qe_alpha": d.qe_alpha,
             "rotations": ",".join(str(r) for r in d.rotations),
+            "runtime": e.runtime, "precision": e.precision,
         }
 
 

@@ -27,29 +27,47 @@ from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
+# Above this many images to (re-)embed, the ids to embed are joined normally instead of broadcast.
+BROADCAST_LIMIT = 1_000_000
+_SAME = "same_content"
+
 EMBED_RESULT = T.StructType([
     T.StructField(S.EMBEDDING, T.ArrayType(T.FloatType(), False), True),
     T.StructField(S.ERROR, T.StringType(), True),
 ])
 
 
-def make_embed_udf(config: Config, encoder: Encoder):
-    """The pandas UDF (image_id, content) -> (embedding, error) around ``encoder.embed_function()``."""
+def view_column(rotation: int) -> str:
+    """The column holding the embedding of the image rotated by ``rotation`` degrees (one-pass views)."""
+    return f"{S.EMBEDDING}_rot{rotation}"
+
+
+def make_embed_udf(config: Config, encoder: Encoder, views: tuple[int, ...] = ()):
+    """The pandas UDF (image_id, content) -> (embedding, error[, rotated views]) around the encoder's function."""
     embed_batch = encoder.embed_function()
     fail_once_on = config.embed.fail_once_on_image
     marker = (storage.local_path_of(storage.Workdir.of(config.workdir).fault_marker)
               if fail_once_on else None)
+    schema = T.StructType(EMBED_RESULT.fields + [T.StructField(view_column(r), T.ArrayType(T.FloatType(), False), True)
+                                                 for r in views])
 
-    @F.pandas_udf(EMBED_RESULT)
+    def arrays(vectors):
+        return [None if v is None else np.asarray(v, dtype=np.float32) for v in vectors]
+
+    @F.pandas_udf(schema)
     def embed_udf(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         for ids, contents in batches:
             if fail_once_on is not None and fail_once_on in set(ids) and not os.path.exists(marker):
                 _die_once(marker)
-            vectors, errors = embed_batch(list(contents))
-            yield pd.DataFrame({
-                S.EMBEDDING: [None if v is None else np.asarray(v, dtype=np.float32) for v in vectors],
-                S.ERROR: errors,
-            })
+            if views:
+                per_view, errors = embed_batch.views(list(contents), (0, *views))
+                vectors = per_view[0]
+            else:
+                vectors, errors = embed_batch(list(contents))
+            out = {S.EMBEDDING: arrays(vectors), S.ERROR: errors}
+            for r, rotated in zip(views, per_view[1:] if views else []):
+                out[view_column(r)] = arrays(rotated)
+            yield pd.DataFrame(out)
 
     return embed_udf
 
@@ -62,21 +80,36 @@ def _die_once(marker: str) -> None:
     os._exit(17)
 
 
-def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame) -> DataFrame:
+def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame,
+                          views: tuple[int, ...] = ()) -> DataFrame:
     """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content).
 
-    Every encoder gives the same table; they differ only in the per-batch function.
+    Every encoder gives the same table; they differ only in the per-batch function. Each
+    distinct content is embedded once: rows with the same ``content_sha256`` (exact copies)
+    share the embedding of the first of them (by image id). ``views``: also the embeddings of
+    the images rotated by these degrees, in columns :func:`view_column`, from the same decode.
     """
     encoder = registry.encoder_for(config)
-    udf = make_embed_udf(config, encoder)
+    udf = make_embed_udf(config, encoder, views)
     partitions_per_core = encoder.partitions_per_core
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
+    # A row without a hash is its own content.
+    same = F.coalesce(F.col(S.CONTENT_SHA256), F.concat(F.lit("id:"), F.col(S.IMAGE_ID))).alias(_SAME)
+    keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
+    first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
+    copies = keys.count() - first.count()
+    todo = ok
+    if copies:
+        # Only the (small) ids travel: the image bytes are filtered where they lie.
+        chosen = first.select(S.IMAGE_ID)
+        todo = ok.join(F.broadcast(chosen) if first.count() <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
+        log.info("%d exact copies (same content_sha256) share the embedding of their first image", copies)
     # At least one partition per core, so a small corpus still uses every executor core.
-    n = max(ok.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
+    n = max(todo.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
     result = udf(F.col(S.IMAGE_ID), F.col(S.CONTENT))
-    return (
-        ok.repartition(n)
+    embedded = (
+        todo.repartition(n)
         .select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
         .select(
             F.col(S.IMAGE_ID),
@@ -85,12 +118,48 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
             F.col("r." + S.EMBEDDING).alias(S.EMBEDDING),
             F.when(F.col("r." + S.ERROR).isNull(), F.lit(S.STATUS_OK)).otherwise(F.lit(S.STATUS_ERROR)).alias(S.STATUS),
             F.col("r." + S.ERROR).alias(S.ERROR),
+            *[F.col("r." + view_column(r)).alias(view_column(r)) for r in views],
         )
     )
+    columns = S.EMBEDDING_TABLE.fieldNames() + [view_column(r) for r in views]
+    if not copies:
+        return embedded
+    shared = embedded.select(F.col(S.IMAGE_ID).alias("first_id"), *[c for c in columns
+                                                                     if c not in (S.IMAGE_ID, S.CONTENT_SHA256)])
+    return (keys.join(first.withColumnRenamed(S.IMAGE_ID, "first_id"), _SAME).join(shared, "first_id")
+            .select(*columns))
+
+
+def derived_config(config: Config, name: str, **overrides) -> Config:
+    """A config whose workdir is ``<workdir>/derived/<name>`` (derived tables and their index)."""
+    sub = storage.Workdir.of(config.workdir).derived(name).root
+    return config.with_overrides(workdir=sub, mlflow__tracking_uri=config.tracking_uri(), **overrides)
+
+
+def rotated_table(config: Config, rotation: int) -> tuple[Config, str]:
+    """The config and path of the embedding table of every image rotated by ``rotation`` degrees."""
+    sub = derived_config(config, f"rot{rotation}", embed__rotation=rotation)
+    return sub, storage.Workdir.of(sub.workdir).embeddings(config.embed.backbone)
+
+
+def rotated_meta(config: Config, rotation: int, images: DataFrame) -> dict:
+    """What a rotated table was made from: its model and the image table's (id, hash) digest."""
+    ok = images.where(F.col(S.STATUS) == S.STATUS_OK)
+    row = ok.agg(F.count(F.lit(1)).alias("n"),
+                 F.sum(F.crc32(F.concat_ws("/", S.IMAGE_ID, S.CONTENT_SHA256))).alias("h")).first()
+    meta = {"model": model_fingerprint(rotated_table(config, rotation)[0]), "images": [int(row["n"]), int(row["h"] or 0)]}
+    return json.loads(json.dumps(meta))
+
+
+def _views_for(config: Config, encoder: Encoder) -> tuple[int, ...]:
+    """Rotations the search will want (``dedup.rotations``), when this encoder can embed them in one pass."""
+    if not (encoder.reranking and encoder.embeds_views) or config.embed.rotation or not config.embed.views_in_one_pass:
+        return ()
+    return tuple(r for r in dict.fromkeys(config.dedup.rotations) if r != 0)
 
 
 # Embed settings that change how fast, not what, is computed.
-_NOT_IN_FINGERPRINT = ("batch_size", "arrow_batch_rows", "fail_once_on_image", "tf_threads")
+_NOT_IN_FINGERPRINT = ("batch_size", "arrow_batch_rows", "fail_once_on_image", "tf_threads", "views_in_one_pass")
 
 
 def model_fingerprint(config: Config) -> dict:
@@ -110,15 +179,22 @@ def model_fingerprint(config: Config) -> dict:
                                   "schema": S.EMBEDDING_TABLE.simpleString()}, sort_keys=True, default=str))
 
 
-# Above this many images to (re-)embed, the ids to embed are joined normally instead of broadcast.
-BROADCAST_LIMIT = 1_000_000
-
-
 def _keys(compared: DataFrame, *kinds: str) -> DataFrame:
     keys = compared.where(F.col("kind").isin(*kinds)).select(S.IMAGE_ID, S.CONTENT_SHA256)
     # Broadcast the (image_id, sha256) keys so the rows they select, image bytes or vectors,
     # are filtered where they lie instead of being shuffled to a join.
     return F.broadcast(keys) if keys.count() <= BROADCAST_LIMIT else keys
+
+
+def _write_views(spark: SparkSession, config: Config, images: DataFrame, table: DataFrame,
+                 views: tuple[int, ...]) -> None:
+    """Write the rotated-view tables where the search looks for them (its rebuild then finds them fresh)."""
+    for r in views:
+        _, target = rotated_table(config, r)
+        rotated = table.select(*[F.col(view_column(r)).alias(S.EMBEDDING) if c == S.EMBEDDING else F.col(c)
+                                 for c in S.EMBEDDING_TABLE.fieldNames()])
+        tables.write_table(rotated, target, metadata=rotated_meta(config, r, images))
+    log.info("rotated views %s embedded in the same pass", list(views))
 
 
 def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict:
@@ -142,9 +218,16 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
             previous = tables.read_table(spark, target, "embedding table")
         else:
             log.info("previous embedding table at %s was made by another model or version: not reused", target)
+    views: tuple[int, ...] = ()
     if previous is None:
         changes = {"reused": 0, "new": ok.count(), "changed": 0, "deleted": 0}
-        table = build_embedding_table(spark, config, ok)
+        views = _views_for(config, registry.encoder_for(config))
+        table = build_embedding_table(spark, config, ok, views)
+        if views:
+            # One pass computes every view; it is kept (executor memory) while the tables are written.
+            table = table.localCheckpoint()
+            _write_views(spark, config, images, table, views)
+            table = table.select(*S.EMBEDDING_TABLE.fieldNames())
     else:
         current = ok.select(S.IMAGE_ID, S.CONTENT_SHA256)
         before = previous.select(S.IMAGE_ID, F.col(S.CONTENT_SHA256).alias("previous_sha256"))
@@ -167,5 +250,7 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     counts.update({r[S.STATUS]: r["count"] for r in written.groupBy(S.STATUS).count().collect()})
     counts.update(changes)
     counts["embedded"] = changes["new"] + changes["changed"]
+    # Rows sharing another row's embedding because their bytes are the same (embedded once).
+    counts["exact_copies"] = written.count() - written.select(S.CONTENT_SHA256).distinct().count()
     log.info("embedded with %s: %s", config.embed.backbone, counts)
     return counts

@@ -6,7 +6,6 @@ their inputs change.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Callable
@@ -81,26 +80,16 @@ def augment_database(neighbors: DataFrame, embeddings: DataFrame, alpha: float) 
     return rows.groupBy(S.IMAGE_ID).applyInPandas(_augment_group(float(alpha)), schema=_VECTORS)
 
 
-def derived_config(config: Config, name: str, **overrides) -> Config:
-    """A config whose workdir is ``<workdir>/derived/<name>`` (derived tables and their index)."""
-    sub = storage.Workdir.of(config.workdir).derived(name).root
-    return config.with_overrides(workdir=sub, mlflow__tracking_uri=config.tracking_uri(), **overrides)
-
-
-def _images_digest(images: DataFrame) -> list:
-    ok = images.where(F.col(S.STATUS) == S.STATUS_OK)
-    row = ok.agg(F.count(F.lit(1)).alias("n"),
-                 F.sum(F.crc32(F.concat_ws("/", S.IMAGE_ID, S.CONTENT_SHA256))).alias("h")).first()
-    return [int(row["n"]), int(row["h"] or 0)]
+# Shared with the embed stage, which writes the rotated tables itself when it embeds everything
+# (one decode per image for every view; see pipeline.stages.embed.rotated_meta).
+derived_config = em.derived_config
 
 
 def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
     """The embedding table of every image rotated by ``rotation`` degrees (built when stale)."""
-    sub = derived_config(config, f"rot{rotation}", embed__rotation=rotation)
-    target = storage.Workdir.of(sub.workdir).embeddings(config.embed.backbone)
+    sub, target = em.rotated_table(config, rotation)
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
-    meta = {"model": em.model_fingerprint(sub), "images": _images_digest(images)}
-    meta = json.loads(json.dumps(meta))
+    meta = em.rotated_meta(config, rotation, images)
     if tables.is_committed(spark, target) and storage.read_metadata(target) == meta:
         return target
     started = time.perf_counter()

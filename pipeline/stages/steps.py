@@ -108,7 +108,7 @@ def embed_step(spark: SparkSession, config: Config, incremental: bool = True) ->
         counts = em.embed(spark, config, incremental)
     embedded = counts["embedded"]
     metrics.update({"images_embedded": embedded, "embeddings_ok": counts.get(S.STATUS_OK, 0),
-                    "embed_errors": counts.get(S.STATUS_ERROR, 0),
+                    "embed_errors": counts.get(S.STATUS_ERROR, 0), "embed_exact_copies": counts["exact_copies"],
                     **{f"embeddings_{change}": counts[change] for change in ("reused", "new", "changed", "deleted")},
                     "images_per_second": embedded / metrics["embed_seconds"] if metrics["embed_seconds"] else 0.0})
     text = (f"embeddings: {counts.get(S.STATUS_OK, 0)} ok, {counts.get(S.STATUS_ERROR, 0)} failed; computed "

@@ -1,0 +1,306 @@
+"""Inference runtimes for the CNN encoders: TensorFlow (the reference, and the GPU path) or
+OpenVINO (CPU inference, fp32 / bf16 / int8).
+
+The driver decides, once per embed stage (:func:`prepare`): it converts the TensorFlow graph
+(scaling, CNN, pooling, L2 normalisation, all in one) with OpenVINO's converter, quantizes it
+to int8 with NNCF when asked, checks the result against TensorFlow on a fixed set of
+generated images, and stores the OpenVINO IR in a cache folder. Executors only read that IR
+(:func:`load`), so a Python worker on the OpenVINO path never imports TensorFlow. Whatever
+fails (OpenVINO not installed, a layer the converter does not know, a check that does not
+pass, an IR an executor cannot read) falls back to TensorFlow with the reason logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.encoders import backbones
+
+log = logging.getLogger(__name__)
+
+# Cosine between a converted model's descriptors and TensorFlow's on the check images,
+# below which the converted model is refused (fp32 conversions agree to ~1e-6; bf16 and
+# int8 lose a little: measured 0.997+ for bf16 on MobileNet, see README "Speed").
+MIN_COSINE = {"fp32": 0.9999, "bf16": 0.97, "int8": 0.85}
+# ... and the mean cosine (int8 moves a few images a lot, most very little).
+MIN_MEAN_COSINE = {"fp32": 0.9999, "bf16": 0.99, "int8": 0.95}
+CHECK_IMAGES = 8
+_OV_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """What the executors run: decided on the driver, shipped with the embed function."""
+
+    runtime: str = "tensorflow"  # tensorflow | openvino
+    precision: str = "fp32"  # fp32 | bf16 | int8
+    ir_path: str | None = None  # the OpenVINO IR (model.xml) on the executors' filesystem
+    reason: str = ""  # why this runtime (logged, recorded with the run)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's instruction-set flags that matter for reduced precision (Linux /proc/cpuinfo)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
+              "avx512_fp16")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in wanted if f in flags]
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return ov.get_version()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AMX or AVX512-BF16), where bf16 pays off."""
+    return any(f in cpu_flags() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto``: bf16 where the CPU has native bf16 instructions, else fp32."""
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16() else "fp32"
+
+
+def _tensorflow(precision: str, reason: str) -> RuntimeChoice:
+    return RuntimeChoice("tensorflow", "fp32", None, reason)
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def prepare(key: backbones.ModelKey, runtime: str, precision: str, cache_dir: str,
+            calibration: Sequence[str] = (), max_pixels: int = 178_956_970,
+            calibration_images: int = 128) -> RuntimeChoice:
+    """Decide the runtime on the driver; for OpenVINO, convert, check and cache the IR.
+
+    Never raises for a runtime problem: TensorFlow is the fallback, with the reason logged.
+    """
+    precision = resolve_precision(precision)
+    if runtime == "tensorflow":
+        return _tensorflow(precision, "embed.runtime: tensorflow")
+    version = openvino_version()
+    if version is None:
+        return _fallback(runtime, "OpenVINO is not installed (pip install 'neardup[openvino]')")
+    if _gpu_visible() and runtime == "auto":
+        return _tensorflow(precision, "a GPU is visible: TensorFlow runs on it")
+    try:
+        path = _ensure_ir(key, precision, cache_dir, calibration, max_pixels, version, calibration_images)
+    except Exception as exc:  # converter, quantizer or check: TensorFlow stays the answer
+        return _fallback(runtime, f"OpenVINO {precision} for {key.backbone} failed: {type(exc).__name__}: {exc}")
+    return RuntimeChoice("openvino", precision, path, f"OpenVINO {version}, {precision}, checked against TensorFlow")
+
+
+def _fallback(requested: str, reason: str) -> RuntimeChoice:
+    log.warning("embed.runtime=%s: using TensorFlow instead: %s", requested, reason)
+    return RuntimeChoice("tensorflow", "fp32", None, "fallback: " + reason)
+
+
+def _network_key(key: backbones.ModelKey) -> backbones.ModelKey:
+    # Rotation only changes decoding; post-processing runs in numpy after the network.
+    return dataclasses.replace(key, rotation=0, postprocess=None, postprocess_version=None, power_norm=1.0)
+
+
+def _ir_folder(key: backbones.ModelKey, precision: str, cache_dir: str, calibration: Sequence[str],
+               version: str) -> Path:
+    from pipeline.encoders.base import file_identity
+
+    network = _network_key(key)
+    ident = {"key": dataclasses.asdict(network), "precision": precision, "openvino": version,
+             "calibration": sorted(calibration) if precision == "int8" else [],
+             "files": file_identity([network.backbone, network.weights])}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tag = Path(key.backbone).stem if backbones.is_model_file(key.backbone) else key.backbone
+    return Path(cache_dir) / f"{tag}-{precision}-{digest}"
+
+
+def _ensure_ir(key, precision: str, cache_dir: str, calibration: Sequence[str], max_pixels: int,
+               version: str, calibration_images: int) -> str:
+    import openvino as ov
+
+    folder = _ir_folder(key, precision, cache_dir, [*calibration, str(calibration_images)], version)
+    xml = folder / "model.xml"
+    done = folder / "checked.json"
+    if done.exists() and xml.exists():
+        return str(xml)
+    tf_model = backbones.load_embedding_model(_network_key(key))
+    ov_model = ov.convert_model(tf_model._embed.get_concrete_function())
+    images = check_images(key)
+    if precision == "int8":
+        samples = calibration_samples(key, calibration, max_pixels, calibration_images)
+        ov_model = _quantize(ov_model, samples, calibration)
+        # int8 is checked on real images (calibration ones): generated ones lie outside what
+        # it was calibrated for, and measure nothing useful (min cosine 0.66 there, 0.94 on ukbench).
+        images = samples[:CHECK_IMAGES]
+    expected = np.concatenate([tf_model(b) for b in images])
+    compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, 0))
+    got = _unit(np.concatenate([compiled(b)[0] for b in images]))
+    cosines = np.sum(got * expected, axis=1)
+    cosine, mean = float(np.min(cosines)), float(np.mean(cosines))
+    if not np.isfinite(cosine) or cosine < MIN_COSINE[precision] or mean < MIN_MEAN_COSINE[precision]:
+        raise ValueError(f"descriptors differ from TensorFlow's (cosine min {cosine:.4f}, mean {mean:.4f}; "
+                         f"wanted >= {MIN_COSINE[precision]}, {MIN_MEAN_COSINE[precision]})")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"model.{os.getpid()}.xml"
+    ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), folder / "model.bin")
+    os.replace(tmp, xml)
+    with open(done, "w", encoding="utf-8") as fh:
+        json.dump({"min_cosine": cosine, "mean_cosine": mean, "openvino": version, "precision": precision,
+                   "cpu_flags": cpu_flags()}, fh)
+    log.info("OpenVINO %s model for %s at %s (min cosine to TensorFlow %.5f)", precision, key.backbone, xml, cosine)
+    return str(xml)
+
+
+def check_images(key: backbones.ModelKey) -> list[np.ndarray]:
+    """Fixed generated test images (gradients, blocks of colour, noise), batched by shape."""
+    rng = np.random.default_rng(0)
+    side = key.input_size
+    short = max(32, side * 3 // 4 // 16 * 16)
+    shapes = [(side, side)] if key.input_mode == "squash" else [(short, side), (side, short)]
+    return [np.stack([_scene(rng, h, w) for _ in range(CHECK_IMAGES // len(shapes))]) for h, w in shapes]
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * rng.uniform(60, 200, 3)
+    for _ in range(6):
+        top, left = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        image[top:top + rng.integers(8, h // 2), left:left + rng.integers(8, w // 2)] = rng.uniform(0, 255, 3)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def calibration_samples(key, calibration: Sequence[str], max_pixels: int, limit: int) -> list[np.ndarray]:
+    """Calibration images decoded for the network, each a batch of one (shapes differ in aspect mode)."""
+    from pipeline.core import preprocess
+
+    samples = []
+    for path in calibration_files(calibration, limit):
+        try:
+            with open(path, "rb") as fh:
+                pixels = preprocess.decode_for_model(fh.read(), key.input_size, max_pixels, mode=key.input_mode,
+                                                     trim=key.trim_borders, size_multiple=key.size_multiple)
+        except Exception:  # an undecodable calibration file is skipped
+            continue
+        samples.append(pixels[None])
+        if len(samples) >= limit:
+            break
+    return samples
+
+
+def _quantize(ov_model, samples: list[np.ndarray], calibration: Sequence[str]):
+    import nncf
+
+    if len(samples) < 16:
+        raise ValueError(f"int8 needs at least 16 decodable calibration images, found {len(samples)} "
+                         f"in embed.calibration_input {list(calibration)}")
+    return nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples),
+                         preset=nncf.QuantizationPreset.PERFORMANCE)
+
+
+def calibration_files(folders: Sequence[str], limit: int) -> list[str]:
+    """Image files under the calibration folders, in a fixed order, spread over the folders."""
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+    files = []
+    for folder in folders:
+        for root, _, names in sorted(os.walk(folder)):
+            files.extend(os.path.join(root, n) for n in sorted(names) if Path(n).suffix.lower() in exts)
+    step = max(1, len(files) // limit)
+    return files[::step]
+
+
+def compile_config(precision: str, threads: int) -> dict:
+    """OpenVINO CPU settings: precision, one stream, ``threads`` threads (0: OpenVINO's default)."""
+    # int8 layers run in int8; what stays float runs in bf16 where the CPU has it.
+    hint = _OV_HINT.get(precision) or ("bf16" if native_bf16() else "f32")
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if threads > 0:
+        # Spark runs one task per core already; unpinned, so two workers never share one core.
+        config.update({"INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False})
+    return config
+
+
+def default_cache_dir(workdir_local: str | None) -> str:
+    """Where converted models live: ``<workdir>/models/openvino`` on a local workdir, else a temp folder."""
+    if workdir_local:
+        return os.path.join(workdir_local, "models", "openvino")
+    return os.path.join(tempfile.gettempdir(), "neardup-openvino")
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    # Quantized graphs end a little off the unit sphere (the normalisation runs on int8 inputs).
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+class OpenVinoEmbeddingModel:
+    """The same interface as :class:`pipeline.encoders.backbones.EmbeddingModel`, on OpenVINO."""
+
+    def __init__(self, key: backbones.ModelKey, choice: RuntimeChoice, threads: int):
+        import openvino as ov
+
+        self.key = key
+        self.choice = choice
+        core = ov.Core()
+        self._compiled = core.compile_model(core.read_model(choice.ir_path), "CPU",
+                                            compile_config(choice.precision, threads))
+        self._request = self._compiled.create_infer_request()
+        self.features_dim = int(self._compiled.outputs[0].get_partial_shape()[-1].get_length())
+        self.whitening = backbones.load_postprocess(key, self.features_dim)
+        self.dim = self.whitening.dim if self.whitening is not None else self.features_dim
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = self._request.infer([np.ascontiguousarray(batch, dtype=np.uint8)])
+        return _unit(np.array(next(iter(out.values())), dtype=np.float32))
+
+    def postprocess(self, X: np.ndarray) -> np.ndarray:
+        return backbones.apply_postprocess(self.key, self.whitening, X)
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def load(key: backbones.ModelKey, choice: RuntimeChoice, threads: int):
+    """The embedding model for ``choice``, once per Python worker; TensorFlow when OpenVINO fails here."""
+    if choice.runtime == "openvino":
+        cache_key = (dataclasses.replace(key, rotation=0), choice, threads)
+        model = _CACHE.get(cache_key)
+        if model is None:
+            try:
+                model = OpenVinoEmbeddingModel(cache_key[0], choice, threads)
+            except Exception as exc:
+                log.warning("OpenVINO model %s not usable in this worker (%s: %s): using TensorFlow",
+                            choice.ir_path, type(exc).__name__, exc)
+                choice = _tensorflow(choice.precision, f"worker fallback: {exc}")
+            else:
+                _CACHE.clear()
+                _CACHE[cache_key] = model
+        if choice.runtime == "openvino":
+            if key.rotation:
+                import copy
+
+                model = copy.copy(model)
+                model.key = key
+            return model
+    backbones.configure_tensorflow_threads(threads)
+    return backbones.load_embedding_model(key)
