@@ -80,19 +80,31 @@ def describe(listed: L.ListedFile, max_pixels: int) -> QueryFile:
 
 
 def embed_files(config: Config, files: list[QueryFile], rotations: list[int]) -> None:
-    """Embed the ok files (and their rotations) with the embed stage's batch function."""
+    """Embed the ok files (and their rotations) with the embed stage's batch function.
+
+    Encoders that embed several views at once decode each file once for all rotations (the
+    embed stage's one-pass views, so the vectors are the ones dedup searched with)."""
     ok = [f for f in files if f.status == S.STATUS_OK]
     if not ok:
         return
-    for rotation in [0] + rotations:
-        cfg = config.with_overrides(embed__rotation=rotation) if rotation else config
-        vectors, errors = registry.encoder_for(cfg).embed_function()([f.content for f in ok])
-        for f, v, e in zip(ok, vectors, errors):
-            if rotation == 0:
-                f.vector = None if v is None else np.asarray(v, np.float32)
-                if e is not None:
-                    f.status, f.error = S.STATUS_ERROR, e
-            elif v is not None:
+    encoder = registry.encoder_for(config)
+    contents = [f.content for f in ok]
+    if rotations and encoder.embeds_views:
+        per_view, errors = encoder.embed_function().views(contents, (0, *rotations))
+    else:
+        per_view, errors = [], None
+        for rotation in [0] + rotations:
+            cfg = config.with_overrides(embed__rotation=rotation) if rotation else config
+            vectors, view_errors = registry.encoder_for(cfg).embed_function()(contents)
+            per_view.append(vectors)
+            errors = view_errors if errors is None else errors
+    for f, v, e in zip(ok, per_view[0], errors):
+        f.vector = None if v is None else np.asarray(v, np.float32)
+        if e is not None:
+            f.status, f.error = S.STATUS_ERROR, e
+    for rotation, vectors in zip(rotations, per_view[1:]):
+        for f, v in zip(ok, vectors):
+            if v is not None:
                 f.rotated[rotation] = np.asarray(v, np.float32)
     for f in files:
         f.content = None

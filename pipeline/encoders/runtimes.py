@@ -84,6 +84,10 @@ def _tensorflow(precision: str, reason: str) -> RuntimeChoice:
 
 
 def _gpu_visible() -> bool:
+    # Without an NVIDIA device node there is no GPU for TensorFlow to see: skip importing it
+    # (seconds), which matters to the light query path and to every short job.
+    if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia")):
+        return False
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))

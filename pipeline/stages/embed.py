@@ -254,3 +254,39 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     counts["exact_copies"] = written.count() - written.select(S.CONTENT_SHA256).distinct().count()
     log.info("embedded with %s: %s", config.embed.backbone, counts)
     return counts
+
+
+def embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations: list[int]) -> dict[int, dict]:
+    """The rotated embeddings of a few images (incremental dedup: the new ones), the model unchanged."""
+    out: dict[int, dict] = {r: {} for r in rotations}
+    if not ids or not rotations:
+        return out
+    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
+    chosen = images.where(F.col(S.IMAGE_ID).isin(ids) & (F.col(S.STATUS) == S.STATUS_OK))
+    # Every rotation in one job: one decode per image for all views where the encoder can
+    # (the embed stage's one-pass views), else its batch function per rotation.
+    encoder = registry.encoder_for(config)
+    if encoder.embeds_views:
+        views_fn = encoder.embed_function()
+
+        def per_rotation(contents: list) -> dict[int, list]:
+            return dict(zip(rotations, views_fn.views(contents, tuple(rotations))[0]))
+    else:
+        functions = {r: registry.encoder_for(config.with_overrides(embed__rotation=r)).embed_function()
+                     for r in rotations}
+
+        def per_rotation(contents: list) -> dict[int, list]:
+            return {r: fn(contents)[0] for r, fn in functions.items()}
+
+    def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            for r, vectors in per_rotation(list(pdf[S.CONTENT])).items():
+                yield pd.DataFrame({"rotation": r, S.IMAGE_ID: pdf[S.IMAGE_ID],
+                                    S.EMBEDDING: [None if v is None else np.asarray(v, np.float32) for v in vectors]})
+
+    rows = (chosen.select(S.IMAGE_ID, S.CONTENT).repartition(spark.sparkContext.defaultParallelism)
+            .mapInPandas(embed, schema=f"rotation int, {S.IMAGE_ID} string, {S.EMBEDDING} array<float>").collect())
+    for row in rows:
+        if row[S.EMBEDDING] is not None:
+            out[row["rotation"]][row[S.IMAGE_ID]] = np.asarray(row[S.EMBEDDING], np.float32)
+    return out

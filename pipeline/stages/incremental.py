@@ -333,7 +333,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
                           for x in d_ids]) if d_ids else np.zeros((0, dim), np.float32)
     else:
         d_aug = np.stack([raw[x] for x in d_ids]) if d_ids else np.zeros((0, dim), np.float32)
-    rotated_new = _embed_rotated(spark, config, new_ids, rot)
+    rotated_new = em.embed_rotated(spark, config, new_ids, rot)
     new_set = set(new_ids)
     d_rot = [[rotated_new[r].get(x) if x in new_set else old_state[x][rot_column(r)] for x in d_ids] for r in rot]
     d_variants = _variants(d_aug, d_rot)
@@ -389,31 +389,6 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
                    "incremental_seconds": time.perf_counter() - started})
     log.info("incremental dedup: %d new images, %d re-scored: %s", len(new_ids), len(d_ids), counts)
     return counts
-
-
-def _embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations: list[int]) -> dict[int, dict]:
-    """The rotated embeddings of the new images only (``embed.rotation``; the model itself is unchanged)."""
-    out: dict[int, dict] = {r: {} for r in rotations}
-    if not ids or not rotations:
-        return out
-    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
-    chosen = images.where(F.col(S.IMAGE_ID).isin(ids) & (F.col(S.STATUS) == S.STATUS_OK))
-    # Every rotation in one job: the embed stage's batch function per rotation, one model load.
-    functions = {r: registry.encoder_for(config.with_overrides(embed__rotation=r)).embed_function() for r in rotations}
-
-    def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            for r, fn in functions.items():
-                vectors, _ = fn(list(pdf[S.CONTENT]))
-                yield pd.DataFrame({"rotation": r, S.IMAGE_ID: pdf[S.IMAGE_ID],
-                                    S.EMBEDDING: [None if v is None else np.asarray(v, np.float32) for v in vectors]})
-
-    rows = (chosen.select(S.IMAGE_ID, S.CONTENT).repartition(spark.sparkContext.defaultParallelism)
-            .mapInPandas(embed, schema=f"rotation int, {S.IMAGE_ID} string, {S.EMBEDDING} array<float>").collect())
-    for row in rows:
-        if row[S.EMBEDDING] is not None:
-            out[row["rotation"]][row[S.IMAGE_ID]] = np.asarray(row[S.EMBEDDING], np.float32)
-    return out
 
 
 def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors: np.ndarray) -> ix.IndexInfo:
