@@ -136,16 +136,20 @@ def test_query_light_and_spark_paths_agree(spark, archives):
 
 
 def test_query_cli_light_path_imports_no_spark(archives, tmp_path):
-    """`neardup query` on a few files: no PySpark in the process, exit 0, the matches printed."""
+    """`neardup query` on a few files: no PySpark nor TensorFlow in the process, exit 0, the matches printed."""
     import subprocess
     import sys
 
     _, _, config, _, queries = archives
     code = ("import sys; from pipeline import cli; rc = cli.main(['query', '--workdir', sys.argv[1], '--input', "
             "sys.argv[2], '--set', 'progress=never']); "
-            "print('PYSPARK' if any(m.startswith('pyspark') for m in sys.modules) else 'NO-PYSPARK'); sys.exit(rc)")
+            "print('PYSPARK' if any(m.startswith('pyspark') for m in sys.modules) else 'NO-PYSPARK'); "
+            "print('TENSORFLOW' if 'tensorflow' in sys.modules else 'NO-TENSORFLOW'); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, config.workdir, str(queries / "more")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "NO-PYSPARK" in proc.stdout
+    # The archive's embed job converted the model for OpenVINO (embed.runtime auto): the light
+    # path reads that IR and never pays for importing TensorFlow (seconds of a 15 s budget).
+    assert "NO-TENSORFLOW" in proc.stdout
     assert "chelsea.jpg" in proc.stdout and "light path" in proc.stdout
