@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,8 @@ ensure_java_home()
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One OpenVINO conversion per model for the whole session, not one per test workdir.
+os.environ.setdefault("NEARDUP_MODEL_CACHE", tempfile.mkdtemp(prefix="neardup-models-"))
 
 
 @pytest.fixture(scope="session")

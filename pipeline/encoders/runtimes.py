@@ -246,7 +246,12 @@ def compile_config(precision: str, threads: int) -> dict:
 
 
 def default_cache_dir(workdir_local: str | None) -> str:
-    """Where converted models live: ``<workdir>/models/openvino`` on a local workdir, else a temp folder."""
+    """Where converted models live: ``$NEARDUP_MODEL_CACHE`` when set (a folder every executor
+    can read, shared by workdirs: each model is converted once), else ``<workdir>/models/openvino``
+    on a local workdir, else a temp folder. Folder names carry the model's digest, so sharing is safe."""
+    shared = os.environ.get("NEARDUP_MODEL_CACHE")
+    if shared:
+        return os.path.join(shared, "openvino")
     if workdir_local:
         return os.path.join(workdir_local, "models", "openvino")
     return os.path.join(tempfile.gettempdir(), "neardup-openvino")
