@@ -29,9 +29,9 @@ import pytest
 from tests.e2e.spark_cluster import (ROOT, Cluster, DriverUI, free_port, kill_executor, make_small_corpus,
                                      spark_env, start_cluster, submit_command)
 
-# Rotated query variants off: they embed every image twice more inside dedup, which only makes
-# the run longer here (the kill points are the embed stage and the index search).
-SETTINGS = ["--set", "index.shards=2", "--set", "dedup.rotations=[0]"]
+# Rotated query variants and the incremental-dedup state off: they only make the run longer
+# here (the kill points are the embed stage and the index search).
+SETTINGS = ["--set", "index.shards=2", "--set", "dedup.rotations=[0]", "--set", "dedup.incremental=never"]
 PARALLELISM = 4  # two tasks per executor in the embed and search stages
 RUN_TIMEOUT = 900  # a whole run takes about a minute on an idle 2-core machine, 7 when it is shared
 
