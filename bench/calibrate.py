@@ -214,6 +214,11 @@ def main(argv=None):
                 if f.startswith(f"calibration-{space}-"):
                     os.remove(os.path.join(C.PACKAGE_DIR, f))
             both.save(os.path.join(C.PACKAGE_DIR, C.artifact_name(both)))
+            # the cross-fitted models, for the suite's real-run checks (tests/e2e/test_accuracy.py)
+            cross_dir = os.path.join(args.out, "calibration")
+            os.makedirs(cross_dir, exist_ok=True)
+            for d, model in cross.items():
+                model.save(os.path.join(cross_dir, f"crossfit-{space}-for-{d}.npz"))
     report["seconds"] = time.time() - started
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "calibration.json"), "w") as fh:

@@ -55,6 +55,8 @@ def pair_curves(spark: SparkSession, cfg: Config, name_of: Mapping[str, str],
     }
     if score is not None:
         out["cosine_curve"] = cal_core.curve(cosine, labels, n_true, CURVE_POINTS)
+    # The raw cosine at the threshold that was the default before calibration, for comparison.
+    out["cosine_0.88"] = cal_core.precision_recall(cosine, labels, n_true, [0.88])[0]
     return out
 
 
