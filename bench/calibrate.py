@@ -111,7 +111,6 @@ def collection(emb, names, which: list[str], space: str, means: dict[str, np.nda
     base = np.array([os.path.basename(p) for p in emb[0]["paths"]])
     ds = np.array([p.rstrip("/").split("/")[-2] for p in emb[0]["paths"]])
     sel = np.flatnonzero(np.isin(ds, which))
-    order = {i: j for j, i in enumerate(emb[0]["ids"])}
 
     def post(X, name):
         return l2_normalize(X - means[name]) if space == "centred" else X
