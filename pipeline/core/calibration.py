@@ -206,10 +206,16 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray, n_true: int,
     return out
 
 
-def curve(scores: np.ndarray, labels: np.ndarray, n_true: int, points: int = 101) -> list[dict[str, float]]:
-    """The precision-recall curve over ``points`` thresholds spanning the scores."""
-    scores = np.asarray(scores, np.float64)
+def curve(scores: np.ndarray, labels: np.ndarray, n_true: int, points: int = 300) -> list[dict[str, float]]:
+    """The precision-recall curve: one point per distinct score (at most ``points``, evenly
+    spaced by rank), from the highest threshold to the lowest."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     if len(scores) == 0:
         return []
-    qs = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, points)))
-    return precision_recall(scores, labels, n_true, qs)
+    order = np.argsort(-scores, kind="stable")
+    s, tp = scores[order], np.cumsum(labels[order])
+    last_of_ties = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    if len(last_of_ties) > points:
+        last_of_ties = last_of_ties[np.unique(np.linspace(0, len(last_of_ties) - 1, points).round().astype(int))]
+    return [{"threshold": float(s[i]), "pairs": int(i + 1), "precision": float(tp[i] / (i + 1)),
+             "recall": float(tp[i] / n_true) if n_true else 1.0} for i in last_of_ties]

@@ -22,7 +22,9 @@ from pipeline.stages import search
 
 log = logging.getLogger(__name__)
 
-CURVE_POINTS = 101
+CURVE_POINTS = 300
+# Rows of the printed table: probabilities, or cosines with dedup.score=cosine.
+TABLE_THRESHOLDS = {"calibrated": (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), "cosine": (0.8, 0.85, 0.88, 0.9, 0.93, 0.96)}
 
 
 def scored_candidates(spark: SparkSession, cfg: Config) -> tuple[list, np.ndarray, np.ndarray | None]:
@@ -53,6 +55,7 @@ def pair_curves(spark: SparkSession, cfg: Config, name_of: Mapping[str, str],
         "operating_point": cal_core.precision_recall(used, labels, n_true, [threshold])[0],
         "curve": cal_core.curve(used, labels, n_true, CURVE_POINTS),
     }
+    out["table"] = cal_core.precision_recall(used, labels, n_true, TABLE_THRESHOLDS[out["score"]])
     if score is not None:
         out["cosine_curve"] = cal_core.curve(cosine, labels, n_true, CURVE_POINTS)
     # The raw cosine at the threshold that was the default before calibration, for comparison.
@@ -94,15 +97,13 @@ def curve_png(result: Mapping[str, Any], path: str, title: str) -> str:
     return path
 
 
-def format_curve(result: Mapping[str, Any], rows: int = 8) -> str:
+def format_curve(result: Mapping[str, Any]) -> str:
     """The operating point and a few points of the curve, for the evaluate report."""
     op = result["operating_point"]
     lines = [f"pairs ({result['score']}): operating point threshold {op['threshold']:.3f} -> precision "
              f"{op['precision']:.3f}, recall {op['recall']:.3f} ({op['pairs']} pairs; {result['true_pairs']} true "
              f"pairs, {result['candidate_recall']:.3f} of them among the {result['candidates']} candidates)",
              f"  {'threshold':>9} {'pairs':>6} {'precision':>9} {'recall':>6}"]
-    pts = result["curve"]
-    for i in np.unique(np.linspace(0, len(pts) - 1, rows).round().astype(int)):
-        p = pts[int(i)]
+    for p in result["table"]:
         lines.append(f"  {p['threshold']:>9.3f} {p['pairs']:>6} {p['precision']:>9.3f} {p['recall']:>6.3f}")
     return "\n".join(lines)

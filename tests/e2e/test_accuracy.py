@@ -46,7 +46,7 @@ def _check_pairs(client, result, precision: float, recall: float) -> None:
     op = result["operating_point"]  # from the scored candidates; must agree with the pairs table
     assert op["precision"] == pytest.approx(result["pair_precision"]) and op["recall"] == pytest.approx(result["pair_recall"])
     curve = result["pair_curve"]["curve"]
-    assert len(curve) > 20 and curve[0]["recall"] > result["pair_recall"] > curve[-1]["recall"]
+    assert len(curve) > 20 and curve[0]["recall"] < result["pair_recall"] < curve[-1]["recall"]
     with open(result["pr_curve_png"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

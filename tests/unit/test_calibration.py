@@ -89,4 +89,7 @@ def test_precision_recall_counts_unproposed_duplicates_as_missed():
     assert pr[1]["precision"] == 0.75 and pr[1]["recall"] == pytest.approx(0.6)
     assert pr[2]["pairs"] == 0 and pr[2]["precision"] == 1.0
     curve = C.curve(scores, labels, 5, points=11)
-    assert [p["recall"] for p in curve] == sorted((p["recall"] for p in curve), reverse=True)
+    assert [(p["threshold"], p["pairs"], p["recall"]) for p in curve] == [(0.9, 1, 0.2), (0.8, 2, 0.4), (0.7, 3, 0.4),
+                                                                         (0.2, 4, 0.6)]
+    assert curve[2]["precision"] == pytest.approx(2 / 3)
+    assert len(C.curve(np.linspace(0, 1, 1000), np.ones(1000, bool), 1000, points=50)) == 50
