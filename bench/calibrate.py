@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -140,9 +141,8 @@ def labelled(rows, names, truth, rank):
 
 
 def with_margin(cal: C.Calibration, margin: float) -> C.Calibration:
-    params = {**cal.params, "margin": margin}
-    out = C.Calibration(cal.rank, cal.coef, cal.intercept - margin, cal.space, params)
-    return C.Calibration(out.rank, out.coef, out.intercept, out.space, out.params, C._hash(out))
+    out = replace(cal, intercept=cal.intercept - margin, params={**cal.params, "margin": margin})
+    return replace(out, version=C._hash(out))
 
 
 def safety_margin(cross: dict, lab: dict, threshold: float, target: float) -> float:
@@ -165,6 +165,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--rank", type=int, default=10)
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--level-cap", type=float, default=0.8, help="levels above it count as it (large groups of copies)")
     ap.add_argument("--target", type=float, default=0.95, help="cross-fitted precision the default must reach")
     ap.add_argument("--write", action="store_true", help="write the shipped artifacts into the package")
     args = ap.parse_args(argv)
@@ -185,10 +186,11 @@ def main(argv=None):
         fitted = {}
         for d in DATASETS:
             cos, la, lb, y, _ = lab[d]
-            fitted[d] = C.fit(cos, la, lb, y, args.rank, space, {"fitted_on": [d]})
+            fitted[d] = C.fit(cos, la, lb, y, args.rank, space, {"fitted_on": [d]}, level_cap=args.level_cap)
         cat = [np.concatenate([lab[d][i] for d in DATASETS]) for i in range(4)]
         both = C.fit(*cat, args.rank, space, {"fitted_on": list(DATASETS), "k": 20, "dba_k": 3,
-                                             "rotations": [0, 90, 270], "backbone": "mobilenet"})
+                                             "rotations": [0, 90, 270], "backbone": "mobilenet"},
+                     level_cap=args.level_cap)
         cross = {DATASETS[0]: fitted[DATASETS[1]], DATASETS[1]: fitted[DATASETS[0]]}
         # the mixed collections are scored by the model fitted on both (there is no "other")
         judged = {**cross, **{name: both for name in lab if name not in cross}}

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -70,11 +70,19 @@ def candidate_pairs(query_ids: np.ndarray, neighbor_ids: np.ndarray, sims: np.nd
     return out
 
 
-def features(cosine: np.ndarray, level_a: np.ndarray, level_b: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's inputs: the cosine and the cosine less the higher of the two levels."""
+def features(cosine: np.ndarray, level_a: np.ndarray, level_b: np.ndarray,
+             level_cap: float | None = None) -> dict[str, np.ndarray]:
+    """The model's inputs: the cosine and the cosine less the higher of the two levels.
+
+    ``level_cap``: a level above it is taken as the cap. A 10th neighbour that close is not a
+    crowded region of unrelated images but a large group of copies (a burst, the demo's 11
+    variants of a photo), which must not count against its own members.
+    """
     cosine = np.asarray(cosine, dtype=np.float64)
-    return {"cosine": cosine,
-            "normalised": cosine - np.maximum(np.asarray(level_a, np.float64), np.asarray(level_b, np.float64))}
+    level = np.maximum(np.asarray(level_a, np.float64), np.asarray(level_b, np.float64))
+    if level_cap is not None:
+        level = np.minimum(level, level_cap)
+    return {"cosine": cosine, "normalised": cosine - level}
 
 
 def pair_table(query_ids, neighbor_ids, ranks, sims, rank: int):
@@ -98,6 +106,7 @@ class Calibration:
     space: str
     params: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    level_cap: float | None = None
 
     def logit(self, feats: Mapping[str, np.ndarray]) -> np.ndarray:
         z = np.full(np.shape(feats[FEATURES[0]]), self.intercept, np.float64)
@@ -107,11 +116,12 @@ class Calibration:
 
     def probability(self, cosine, level_a, level_b) -> np.ndarray:
         """Calibrated probability that each pair is a duplicate."""
-        return 1.0 / (1.0 + np.exp(-self.logit(features(cosine, level_a, level_b))))
+        return 1.0 / (1.0 + np.exp(-self.logit(features(cosine, level_a, level_b, self.level_cap))))
 
     def spark_terms(self) -> dict[str, float]:
         """The formula's numbers, for the Spark twin in :mod:`pipeline.stages.dedup`."""
-        return {"intercept": float(self.intercept), **{n: float(c) for n, c in zip(FEATURES, self.coef)}}
+        return {"intercept": float(self.intercept), **{n: float(c) for n, c in zip(FEATURES, self.coef)},
+                "level_cap": None if self.level_cap is None else float(self.level_cap)}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (``.npz``, metadata as JSON; no pickle)."""
@@ -129,7 +139,8 @@ class Calibration:
 
     def _meta(self) -> dict[str, Any]:
         return {"rank": self.rank, "coef": list(self.coef), "intercept": self.intercept, "space": self.space,
-                "features": list(FEATURES), "params": self.params, "version": self.version}
+                "features": list(FEATURES), "params": self.params, "version": self.version,
+                "level_cap": self.level_cap}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Calibration":
@@ -138,23 +149,26 @@ class Calibration:
             meta = json.loads(str(npz["metadata"]))
         if meta.get("features") != list(FEATURES):
             raise ValueError(f"{path}: features {meta.get('features')} differ from {list(FEATURES)}")
+        cap = meta.get("level_cap")
         cal = cls(int(meta["rank"]), tuple(float(c) for c in meta["coef"]), float(meta["intercept"]),
-                  meta["space"], meta.get("params", {}))
+                  meta["space"], meta.get("params", {}), "", None if cap is None else float(cap))
         version = _hash(cal)
         if version != meta["version"]:
             raise ValueError(f"{path}: content hash {version} does not match stored version {meta['version']}")
-        return cls(cal.rank, cal.coef, cal.intercept, cal.space, cal.params, version)
+        return replace(cal, version=version)
 
 
 def _hash(cal: Calibration) -> str:
-    body = json.dumps({"rank": cal.rank, "coef": [round(c, 12) for c in cal.coef],
-                       "intercept": round(cal.intercept, 12), "space": cal.space, "params": cal.params},
-                      sort_keys=True)
+    content = {"rank": cal.rank, "coef": [round(c, 12) for c in cal.coef],
+               "intercept": round(cal.intercept, 12), "space": cal.space, "params": cal.params}
+    if cal.level_cap is not None:
+        content["level_cap"] = round(cal.level_cap, 12)
+    body = json.dumps(content, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 def fit(cosine, level_a, level_b, labels, rank: int, space: str, params: Mapping[str, Any] | None = None,
-        C: float = 1.0, class_weight: str | None = "balanced") -> Calibration:
+        C: float = 1.0, class_weight: str | None = "balanced", level_cap: float | None = None) -> Calibration:
     """Logistic regression of the duplicate label on :func:`features` (scikit-learn).
 
     ``class_weight="balanced"``: duplicates and other pairs weigh the same, so the model does
@@ -164,15 +178,15 @@ def fit(cosine, level_a, level_b, labels, rank: int, space: str, params: Mapping
 
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    feats = features(cosine, level_a, level_b)
+    feats = features(cosine, level_a, level_b, level_cap)
     X = np.column_stack([feats[n] for n in FEATURES])
     y = np.asarray(labels, dtype=int)
     if len(set(y.tolist())) < 2:
         raise ValueError("calibration needs both duplicate and non-duplicate pairs")
     model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000).fit(X, y)
     cal = Calibration(rank, tuple(float(c) for c in model.coef_[0]), float(model.intercept_[0]), space,
-                      dict(params or {}))
-    return Calibration(cal.rank, cal.coef, cal.intercept, cal.space, cal.params, _hash(cal))
+                      dict(params or {}), "", level_cap)
+    return replace(cal, version=_hash(cal))
 
 
 def artifact_name(cal: Calibration) -> str:

@@ -63,7 +63,10 @@ def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_co
               .join(lb, F.col(S.IMAGE_ID_B) == F.col("_b"), "left"))
     cosine = F.col(S.SIMILARITY).cast("double")
     terms = calibration.spark_terms()
-    normalised = cosine - F.greatest(F.coalesce(F.col("_la"), F.lit(-1.0)), F.coalesce(F.col("_lb"), F.lit(-1.0)))
+    level = F.greatest(F.coalesce(F.col("_la"), F.lit(-1.0)), F.coalesce(F.col("_lb"), F.lit(-1.0)))
+    if terms["level_cap"] is not None:
+        level = F.least(level, F.lit(terms["level_cap"]))
+    normalised = cosine - level
     logit = F.lit(terms["intercept"]) + F.lit(terms["cosine"]) * cosine + F.lit(terms["normalised"]) * normalised
     return joined.select(S.IMAGE_ID_A, S.IMAGE_ID_B, S.SIMILARITY,
                          (1.0 / (1.0 + F.exp(-logit))).cast("float").alias(SCORE))

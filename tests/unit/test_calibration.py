@@ -79,6 +79,9 @@ def test_shipped_artifacts_load(space):
     # A higher cosine at the same levels, or a calmer neighbourhood, is never less likely a duplicate.
     p = cal.probability([0.80, 0.90, 0.90], [0.6, 0.6, 0.3], [0.6, 0.6, 0.3])
     assert p[0] < p[1] < p[2]
+    # Near-identical copies in a large group (a burst: its 10th neighbour is a copy too) stay
+    # duplicates: levels above the cap count as the cap.
+    assert cal.level_cap is not None and cal.probability([0.995], [0.97], [0.98])[0] >= 0.9
 
 
 def test_precision_recall_counts_unproposed_duplicates_as_missed():
