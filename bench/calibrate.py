@@ -177,18 +177,19 @@ def main(argv=None):
     means = {d: emb[0]["X"][ds == d].mean(0) for d in DATASETS}
     report = {"rank": args.rank, "threshold": args.threshold, "spaces": {}}
     for space in C.SPACES:
-        sets = {d: collection(emb, None, [d], space, means) for d in DATASETS}
-        if space == "raw":
-            sets["mixed"] = collection(emb, None, list(DATASETS), space, means)
+        base, dba_k = space.split("_")[0], 0 if space.endswith("_nodba") else 3
+        sets = {d: collection(emb, None, [d], base, means, dba_k=dba_k) for d in DATASETS}
+        if base == "raw":
+            sets["mixed"] = collection(emb, None, list(DATASETS), base, means, dba_k=dba_k)
             # as the suite's mixed test runs it (one embedding pass: no rotated queries)
-            sets["mixed-no-rotations"] = collection(emb, None, list(DATASETS), space, means, rotations=())
+            sets["mixed-no-rotations"] = collection(emb, None, list(DATASETS), base, means, dba_k=dba_k, rotations=())
         lab = {name: labelled(v[:4], v[4], truth, args.rank) for name, v in sets.items()}
         fitted = {}
         for d in DATASETS:
             cos, la, lb, y, _ = lab[d]
             fitted[d] = C.fit(cos, la, lb, y, args.rank, space, {"fitted_on": [d]}, level_cap=args.level_cap)
         cat = [np.concatenate([lab[d][i] for d in DATASETS]) for i in range(4)]
-        both = C.fit(*cat, args.rank, space, {"fitted_on": list(DATASETS), "k": 20, "dba_k": 3,
+        both = C.fit(*cat, args.rank, space, {"fitted_on": list(DATASETS), "k": 20, "dba_k": dba_k,
                                              "rotations": [0, 90, 270], "backbone": "mobilenet"},
                      level_cap=args.level_cap)
         cross = {DATASETS[0]: fitted[DATASETS[1]], DATASETS[1]: fitted[DATASETS[0]]}

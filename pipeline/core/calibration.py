@@ -27,10 +27,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# The shipped artifacts, one per embedding space ("raw": no embed.postprocess; "centred": a
-# centring/whitening learned on another collection). The file name carries the version.
+# The shipped artifacts, one per similarity scale ("raw": no embed.postprocess; "centred": a
+# centring/whitening learned on another collection; "_nodba": database-side augmentation off,
+# which lowers the cosines of near-duplicates). The file name carries the version.
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_models")
-SPACES = ("raw", "centred")
+SPACES = ("raw", "centred", "raw_nodba", "centred_nodba")
 FEATURES = ("cosine", "normalised")
 
 

@@ -73,8 +73,8 @@ def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_co
 
 
 def calibration_space(config: Config) -> str:
-    """Which shipped calibration fits the embeddings: centred ones score differently."""
-    return "centred" if config.embed.postprocess else "raw"
+    """Which shipped calibration fits the similarities: centring and DBA change their scale."""
+    return ("centred" if config.embed.postprocess else "raw") + ("" if config.dedup.dba_k > 1 else "_nodba")
 
 
 def load_calibration(config: Config) -> cal_core.Calibration:
