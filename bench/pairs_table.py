@@ -17,7 +17,7 @@ STUDY_BEGIN, STUDY_END = "<!-- calibration-study:begin -->", "<!-- calibration-s
 
 def study_table(report: dict) -> str:
     """`make calibrate`'s figures (bench/results/calibration.json): every space and collection."""
-    lines = ["| embeddings | collection | scored by the model fitted on | pairs | precision | recall "
+    lines = ["| similarity scale | collection | scored by the model fitted on | pairs | precision | recall "
              "| raw cosine ≥ 0.88: precision / recall |", "|---|---|---|---|---|---|---|"]
     for space, body in report["spaces"].items():
         for name, r in body["results"].items():
@@ -51,7 +51,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("json", nargs="+")
+    ap.add_argument("json", nargs="*")
     ap.add_argument("--note", action="append", default=[], help="per file: which calibration scored it")
     ap.add_argument("--readme")
     ap.add_argument("--study", help="bench/results/calibration.json of make calibrate")
@@ -67,7 +67,8 @@ def main(argv=None):
     if args.readme:
         with open(args.readme) as fh:
             readme = fh.read()
-        readme = replace_block(readme, BEGIN, END, text)
+        if results:
+            readme = replace_block(readme, BEGIN, END, text)
         if args.study:
             with open(args.study) as fh:
                 readme = replace_block(readme, STUDY_BEGIN, STUDY_END, study_table(json.load(fh)))
