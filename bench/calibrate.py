@@ -158,6 +158,15 @@ def safety_margin(cross: dict, lab: dict, threshold: float, target: float) -> fl
     raise SystemExit(f"no margin reaches precision {target}")
 
 
+def best_cosine_cut(lab: dict, target: float) -> dict:
+    """The comparison: the lowest single raw-cosine threshold with precision >= target on every collection."""
+    for t in np.arange(0.80, 1.0, 0.005):
+        pr = {name: C.precision_recall(cos, y, n_true, [t])[0] for name, (cos, la, lb, y, n_true) in lab.items()}
+        if all(p["precision"] >= target for p in pr.values()):
+            return {"threshold": round(float(t), 3), "results": pr}
+    return {}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
@@ -210,7 +219,8 @@ def main(argv=None):
                   f"P {op['precision']:.3f} R {op['recall']:.3f} ({op['pairs']})   cos>=0.88: P {raw['precision']:.3f} "
                   f"R {raw['recall']:.3f}", flush=True)
         print(f"{space:8} margin {margin}  shipped: coef {np.round(both.coef, 3)} intercept {both.intercept:.3f}")
-        report["spaces"][space] = {"results": res, "model": both._meta(), "margin": margin}
+        report["spaces"][space] = {"results": res, "model": both._meta(), "margin": margin,
+                                   "best_cosine_cut": best_cosine_cut(lab, args.target)}
         if args.write:
             for f in os.listdir(C.PACKAGE_DIR):
                 if f.startswith(f"calibration-{space}-"):

@@ -24,6 +24,12 @@ def study_table(report: dict) -> str:
             op, cos = r["calibrated"], r["cosine_0.88"]
             lines.append(f"| {space} | {name} | {' + '.join(r['scored_by'])} | {op['pairs']} | {op['precision']:.3f} | "
                          f"{op['recall']:.3f} | {cos['precision']:.3f} / {cos['recall']:.3f} |")
+    raw = report["spaces"].get("raw", {}).get("best_cosine_cut")
+    if raw:
+        lines.append("")
+        lines.append(f"For comparison, the lowest single raw-cosine threshold with precision ≥ 0.95 on all the raw "
+                     f"collections above is {raw['threshold']:.3f}; its recall: " + ", ".join(
+                         f"{name} {r['recall']:.3f}" for name, r in raw["results"].items()) + ".")
     return "\n".join(lines)
 
 
