@@ -258,7 +258,8 @@ def dedup(workdir: str | None = None, *, backbone: str | None = None, threshold:
     workdir, backbone
         The index (and embedding table) to search.
     threshold : float
-        ``dedup.threshold``: cosine similarity above which two images are a pair.
+        ``dedup.threshold``: the expected pair precision (a pair is kept when its calibrated
+        probability of being a duplicate is at least this); a cosine with ``dedup__score="cosine"``.
     k : int
         ``dedup.k``: neighbours searched per image.
     config, conf, spark, **settings
