@@ -234,3 +234,14 @@ def curve(scores: np.ndarray, labels: np.ndarray, n_true: int, points: int = 300
         last_of_ties = last_of_ties[np.unique(np.linspace(0, len(last_of_ties) - 1, points).round().astype(int))]
     return [{"threshold": float(s[i]), "pairs": int(i + 1), "precision": float(tp[i] / (i + 1)),
              "recall": float(tp[i] / n_true) if n_true else 1.0} for i in last_of_ties]
+
+
+def unlisted_can_pass(upper: np.ndarray, level: np.ndarray, cal: Calibration, threshold: float) -> np.ndarray:
+    """Per image: could a pair outside its kNN list reach ``threshold``? ``upper`` bounds the
+    similarity of any unlisted image (the k-th listed one), ``level`` is the image's own. The score
+    rises with the cosine and falls with the pair's level (both coefficients positive, checked),
+    and the pair's level is at least min(level, cap): so p(upper, level) bounds every unlisted pair."""
+    if min(cal.coef) < 0:
+        return np.ones(np.shape(upper), bool)  # no such bound for this model: always say "could"
+    level = np.asarray(level, np.float64)
+    return cal.probability(upper, level, level).astype(np.float32) >= threshold

@@ -188,6 +188,10 @@ def resolve_not_duplicates(spark: SparkSession, entries: list[tuple[str, str]],
     return sorted(set(pairs)), unmatched
 
 
+# Up to this many pairs the groups' components are computed on the driver (union-find).
+DRIVER_COMPONENTS_MAX = 2_000_000
+
+
 def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[tuple[str, str]],
                          checkpoint_dir: str | None = None) -> tuple[DataFrame, int]:
     """Connected components in which no declared "not duplicates" pair shares a group.
@@ -198,6 +202,11 @@ def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[
     such components are few and small, the rest stay in Spark. Returns (components, split count).
     """
     if not forbidden:
+        if pairs.count() <= DRIVER_COMPONENTS_MAX:
+            # Few edges: union-find here (the oracle the Spark components are tested against)
+            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
+            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
+            return spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string"), 0
         return connected_components(pairs, checkpoint_dir=checkpoint_dir), 0
     banned = spark.createDataFrame(forbidden, f"{S.IMAGE_ID_A} string, {S.IMAGE_ID_B} string")
     pairs = pairs.join(banned, [S.IMAGE_ID_A, S.IMAGE_ID_B], "left_anti")
@@ -225,6 +234,9 @@ def dedup(spark: SparkSession, config: Config) -> dict:
 
     The pairs table is what the model found (above the threshold); the groups apply the
     person's decisions on top (``dedup.not_duplicates``, ``dedup.keep``, ``dedup.keep_folders``).
+    With calibrated scores each image's kNN list (others, best first) is also written to
+    ``neighbors/<tag>/`` for the incremental dedup's state (:mod:`pipeline.stages.incremental`):
+    the lists the levels come from, without a second search.
     """
     from pyspark import StorageLevel
 
@@ -248,6 +260,9 @@ def dedup(spark: SparkSession, config: Config) -> dict:
             meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
                          "calibration_rank": calibration.rank,
                          "cosine_histogram": similarity_histogram(candidates)})
+            if d.incremental != "never" and d.qe_k == 0:
+                tables.write_table(neighbour_lists(neighbors, d.k), workdir.neighbors(method),
+                                   metadata={"k": d.k})
         else:
             threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
             candidates = candidates.withColumn(SCORE, F.lit(None).cast("float")).persist(StorageLevel.MEMORY_AND_DISK)
@@ -257,6 +272,29 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     finally:
         candidates.unpersist()
         neighbors.unpersist()
+    counts = write_groups(spark, config, threshold, meta["score"])
+    log.info("dedup %s at %s threshold %.3f: %s", method, meta["score"], threshold, counts)
+    return counts
+
+
+KNN_IDS, KNN_SIMS = "knn_ids", "knn_sims"
+
+
+def neighbour_lists(neighbors: DataFrame, k: int) -> DataFrame:
+    """Per query: its other neighbours (self excluded), best first, at most ``k``: the lists
+    :func:`neighbour_levels` reads the levels from."""
+    entry = F.struct(F.col(S.RANK), F.col(S.NEIGHBOR_ID).alias("n"), F.col(S.SIMILARITY).alias("s"))
+    listed = (neighbors.where(F.col(S.QUERY_ID) != F.col(S.NEIGHBOR_ID)).groupBy(S.QUERY_ID)
+              .agg(F.slice(F.sort_array(F.collect_list(entry)), 1, int(k)).alias("l")))
+    return listed.select(F.col(S.QUERY_ID).alias(S.IMAGE_ID), F.col("l.n").alias(KNN_IDS),
+                         F.col("l.s").alias(KNN_SIMS))
+
+
+def write_groups(spark: SparkSession, config: Config, threshold: float, score: str) -> dict:
+    """The groups table from the committed pairs table (full and incremental dedup); returns counts."""
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    d = config.dedup
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
     scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
@@ -276,8 +314,7 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         groups = groups_with_keep(components, images, d.keep, d.keep_folders)
         tables.write_table(groups, workdir.groups(method),
                            metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
-                                     "not_duplicates": d.not_duplicates, "threshold": threshold,
-                                     "score": meta["score"]})
+                                     "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
     finally:
         tables.remove(spark, scratch)
     groups = tables.read_table(spark, workdir.groups(method), "groups table")
@@ -290,5 +327,4 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})
-    log.info("dedup %s at %s threshold %.3f: %s", method, meta["score"], threshold, counts)
     return counts
