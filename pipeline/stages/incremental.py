@@ -342,10 +342,13 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
                                    d_variants, new_ids, rot_cols)
         if isinstance(updated, str):
             return updated
-        knn_lists, old_level = updated
+        knn_lists, old_level, recomputed = updated
         x_ids, best = knn.rescore_pairs(spark, state, calibration, threshold, knn_lists, old_level, d_ids, d_aug,
                                         d_variants, new_ids, rot_cols)
+        extra = {"incremental_lists_changed": len(knn_lists) - len(d_ids), "incremental_lists_recomputed": recomputed,
+                 "incremental_levels_changed": len(x_ids) - len(d_ids)}
     else:
+        extra = {}
         x_ids, best = d_ids, _cosine_pairs(state, d_ids, d_variants, d_aug, new_ids, rot_cols, threshold)
     touched = spark.createDataFrame([(x,) for x in x_ids], "x string")
     old_pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
@@ -385,7 +388,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
             "count": info.meta["count"]}
     tables.write_table(new_state.unionByName(state_rows).localCheckpoint(), workdir.incremental(method), metadata=meta)
     counts.update({"dedup_incremental": 1, "incremental_new_images": len(new_ids),
-                   "incremental_rescored_images": len(x_ids),
+                   "incremental_rescored_images": len(x_ids), **extra,
                    "incremental_seconds": time.perf_counter() - started})
     log.info("incremental dedup: %d new images, %d re-scored: %s", len(new_ids), len(x_ids), counts)
     return counts

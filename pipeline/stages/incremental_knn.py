@@ -175,9 +175,10 @@ def _exact_lists(found, q_ids: list[str], extra_ids: list[str], extra: np.ndarra
 
 def update_lists(state: DataFrame, calibration: cal_core.Calibration, threshold: float, k: int, max_exact: int,
                  d_ids: list[str], d_aug: np.ndarray, d_variants: np.ndarray, new_ids: list[str],
-                 rot_cols: list[str]) -> tuple[dict, dict] | str:
-    """Scans 1 and 1b: ``(lists, old levels)``, lists ``{image: (ids, sims, bound, level)}`` for every
-    image whose list changed (D members included); a reason (str) when the update cannot be exact."""
+                 rot_cols: list[str]) -> tuple[dict, dict, int] | str:
+    """Scans 1 and 1b: ``(lists, old levels, lists recomputed in 1b)``, lists ``{image: (ids, sims,
+    bound, level)}`` for every image whose list changed (D members included); a reason (str) when
+    the update cannot be exact."""
     rank = calibration.rank
     new_pos = [d_ids.index(n) for n in new_ids]
     state_cols = state.select(S.IMAGE_ID, AUG, *rot_cols, *KNN_COLUMNS)
@@ -212,7 +213,7 @@ def update_lists(state: DataFrame, calibration: cal_core.Calibration, threshold:
             return (f"image {x}: a pair outside its {k} nearest neighbours could reach the threshold "
                     "(dedup.k too small for this threshold)")
         out[x] = ([str(i) for i in ids], [float(s) for s in sims], float(bound), level)
-    return out, old_level
+    return out, old_level, len(redo)
 
 
 def _pair_scan(x_ids: list[str], x_variants: np.ndarray, x_aug: np.ndarray, x_levels: np.ndarray,

@@ -106,6 +106,7 @@ def test_incremental_run_equals_full_rebuild(spark, archives, score):
     assert second.metrics["incremental_new_images"] == len(NEW) + 1
     # Old images whose DBA lists took in a new image were re-scored too.
     assert second.metrics["incremental_rescored_images"] > len(NEW) + 1
+    print("METRICS", score, {k: v for k, v in second.metrics.items() if "incremental" in k or k == "pairs"})
     inc, (ref, ref_groups) = _pairs(spark, config), reference[score]
     assert set(inc) == set(ref) and len(ref) > 10
     assert max(abs(inc[p][0] - ref[p][0]) for p in ref) < 1e-4

@@ -96,3 +96,17 @@ def test_precision_recall_counts_unproposed_duplicates_as_missed():
                                                                          (0.2, 4, 0.6)]
     assert curve[2]["precision"] == pytest.approx(2 / 3)
     assert len(C.curve(np.linspace(0, 1, 1000), np.ones(1000, bool), 1000, points=50)) == 50
+
+
+def test_unlisted_can_pass_bounds_every_pair_below_the_list():
+    """A pair outside a's list has cosine <= upper(a) and a level >= min(level_a, cap): when
+    unlisted_can_pass says no, no such pair reaches the threshold (the incremental dedup's check)."""
+    cal = C.Calibration(10, (8.0, 12.0), -14.0, "raw", level_cap=0.8)
+    rng = np.random.default_rng(0)
+    upper, level_a, level_b = rng.uniform(0.3, 1.0, 2000), rng.uniform(0.2, 1.0, 2000), rng.uniform(-1.0, 1.0, 2000)
+    cosine = upper - rng.uniform(0.0, 0.2, 2000)
+    can = C.unlisted_can_pass(upper, level_a, cal, 0.9)
+    assert can.any() and (~can).any()
+    assert (cal.probability(cosine, level_a, level_b)[~can] < 0.9).all()
+    # A model whose score falls with the cosine gives no such bound.
+    assert C.unlisted_can_pass(upper, level_a, C.Calibration(10, (-1.0, 12.0), -14.0, "raw"), 0.9).all()
