@@ -477,7 +477,7 @@ def query(input: str | Sequence[str] | None = None, workdir: str | None = None, 
     -------
     QueryResult
         ``rows``: the matches table (query_path, query_status, query_error, image_id, path,
-        similarity, rank; every input file at least once), ``tables["matches"]``, ``path``
+        similarity, score (calibrated, else None), rank; every input file at least once), ``tables["matches"]``, ``path``
         (light: no Spark, or spark), ``metrics`` (files by status, matches, seconds).
     """
     cfg = validate(make_config(config, conf, workdir=workdir, query__input=_inputs(input), embed__backbone=backbone,

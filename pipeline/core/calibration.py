@@ -194,6 +194,17 @@ def artifact_name(cal: Calibration) -> str:
     return f"calibration-{cal.space}-{cal.version}.npz"
 
 
+def space_of(centred: bool, dba: bool) -> str:
+    """Which shipped calibration fits the similarities: centring and DBA change their scale."""
+    return ("centred" if centred else "raw") + ("" if dba else "_nodba")
+
+
+def level_of_row(sims: np.ndarray, rank: int) -> float:
+    """The level of an image from its other neighbours' similarities, best first
+    (fewer than ``rank``: the last; none: -1), as :func:`neighbour_levels` reads it."""
+    return float(sims[min(rank, len(sims)) - 1]) if len(sims) else -1.0
+
+
 def shipped(space: str) -> str:
     """Path of the artifact shipped for ``space`` (the newest by name if several)."""
     if space not in SPACES:

@@ -61,20 +61,25 @@ def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_co
     lb = levels.select(F.col(S.IMAGE_ID).alias("_b"), F.col(LEVEL).alias("_lb"))
     joined = (candidates.join(la, F.col(S.IMAGE_ID_A) == F.col("_a"), "left")
               .join(lb, F.col(S.IMAGE_ID_B) == F.col("_b"), "left"))
-    cosine = F.col(S.SIMILARITY).cast("double")
+    return joined.select(S.IMAGE_ID_A, S.IMAGE_ID_B, S.SIMILARITY,
+                         probability(calibration, F.col(S.SIMILARITY), F.col("_la"), F.col("_lb")).alias(SCORE))
+
+
+def probability(calibration: cal_core.Calibration, cosine: Column, level_a: Column, level_b: Column) -> Column:
+    """:meth:`pipeline.core.calibration.Calibration.probability` as a float column (a missing level: -1)."""
+    cosine = cosine.cast("double")
     terms = calibration.spark_terms()
-    level = F.greatest(F.coalesce(F.col("_la"), F.lit(-1.0)), F.coalesce(F.col("_lb"), F.lit(-1.0)))
+    level = F.greatest(F.coalesce(level_a, F.lit(-1.0)), F.coalesce(level_b, F.lit(-1.0)))
     if terms["level_cap"] is not None:
         level = F.least(level, F.lit(terms["level_cap"]))
     normalised = cosine - level
     logit = F.lit(terms["intercept"]) + F.lit(terms["cosine"]) * cosine + F.lit(terms["normalised"]) * normalised
-    return joined.select(S.IMAGE_ID_A, S.IMAGE_ID_B, S.SIMILARITY,
-                         (1.0 / (1.0 + F.exp(-logit))).cast("float").alias(SCORE))
+    return (1.0 / (1.0 + F.exp(-logit))).cast("float")
 
 
 def calibration_space(config: Config) -> str:
     """Which shipped calibration fits the similarities: centring and DBA change their scale."""
-    return ("centred" if config.embed.postprocess else "raw") + ("" if config.dedup.dba_k > 1 else "_nodba")
+    return cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
 
 
 def load_calibration(config: Config) -> cal_core.Calibration:

@@ -132,23 +132,33 @@ def test_incremental_run_equals_full_rebuild(spark, archives, score):
     assert idmap.count() == idmap.select(S.IMAGE_ID).distinct().count() == second.metrics["embeddings_ok"]
 
 
-def _query(archives, spark, path):
+def _query(archives, spark, path, score="cosine"):
     from pipeline import api
 
-    _, _, config, _, queries, _, _ = archives
+    _, _, cosine, _, queries, _, calibrated = archives
+    config = calibrated if score == "calibrated" else cosine
     return api.query(input=str(queries), config=config, spark=spark if path == "spark" else None,
                      query__force_path=path)
 
 
-def test_query_light_and_spark_paths_agree(spark, archives):
-    light = _query(archives, spark, "light")
-    heavy = _query(archives, spark, "spark")
+@pytest.mark.parametrize("score", ["cosine", "calibrated"])
+def test_query_light_and_spark_paths_agree(spark, archives, score):
+    light = _query(archives, spark, "light", score)
+    heavy = _query(archives, spark, "spark", score)
     assert (light.path, heavy.path) == ("light", "spark")
     key = [(r["query_path"], r["query_status"], r["query_error"], r["image_id"], r["path"], r["rank"]) for r in light.rows]
     assert key == [(r["query_path"], r["query_status"], r["query_error"], r["image_id"], r["path"], r["rank"])
                    for r in heavy.rows]
     sims = [(a["similarity"], b["similarity"]) for a, b in zip(light.rows, heavy.rows) if a["similarity"] is not None]
     assert sims and max(abs(a - b) for a, b in sims) < 1e-5
+    scores = [(a["score"], b["score"]) for a, b in zip(light.rows, heavy.rows) if a["similarity"] is not None]
+    if score == "calibrated":
+        # The threshold applies to the calibrated score; a crop finds its own copy, now in the archive.
+        assert min(a for a, _ in scores) >= 0.9 and max(abs(a - b) for a, b in scores) < 1e-5
+        crop = [r["path"] for r in light.rows if r["query_path"].endswith("astronaut__astronaut_crop.jpg")]
+        assert any(p.endswith("/astronaut_crop.jpg") for p in crop)
+        return
+    assert all(a is None and b is None for a, b in scores)
     # Every input file is accounted for: 7 images, the corrupt one, the text file.
     by_file = {}
     for r in light.rows:
