@@ -129,7 +129,7 @@ def test_incremental_run_equals_full_rebuild(spark, archives, score):
     assert any(ids["astronaut_sideways.jpg"] in p for p in inc)
     # The index holds every embedded image once.
     idmap = spark.read.parquet(storage.Workdir.of(config.workdir).index_dir("mobilenet") + "/idmap")
-    assert idmap.count() == idmap.select(S.IMAGE_ID).distinct().count() == second.metrics["embeddings_ok"]
+    assert idmap.count() == idmap.select(S.IMAGE_ID).distinct().count() == second_calibrated.metrics["embeddings_ok"]
 
 
 def _query(archives, spark, path, score="cosine"):
