@@ -14,11 +14,19 @@ touching D are recomputed exactly against every image (one scan of the state tab
 others are kept; the groups (components, "not duplicates", keep) are recomputed from the
 pairs, which is linear in the pairs and exact whatever merged.
 
-The result is identical to a full rebuild (the test checks it on real images) when the full
-dedup itself is exact and not truncated by ``dedup.k``: the index is exact (flat), and no image
-has ``dedup.k`` or more partners (checked before and after; then each kNN list holds every
-partner above the threshold). Otherwise, and for query expansion, binary hashes, changed or
-deleted images, or changed settings, the full path runs and the log says why.
+With calibrated scores (``dedup.score=calibrated``, the default) a pair's score also depends on
+both images' levels, read from their kNN lists, which new images change:
+:mod:`pipeline.stages.incremental_knn` keeps every list and level in the state, updates them
+exactly, and re-scores the images whose level moved as well as D.
+
+The result is identical to a full rebuild (the test checks it on real images, with both scores)
+when the full dedup itself is exact and not truncated by ``dedup.k``: the index is exact (flat),
+and (cosine) no image has ``dedup.k`` or more partners (checked before and after; then each kNN
+list holds every partner above the threshold), (calibrated) no pair outside the kNN lists could
+reach the threshold (the bound of :mod:`pipeline.stages.incremental_knn`, checked on the full
+dedup's lists and on every list an update changes). Otherwise, and for query expansion, binary
+hashes, changed or deleted images, or changed settings (threshold, score kind and calibration
+artifact included), the full path runs and the log says why.
 """
 from __future__ import annotations
 
