@@ -143,8 +143,12 @@ def _list_scan(d_ids: list[str], d_aug: np.ndarray, q_ids: list[str], q_variants
                 for i, z in enumerate(ids):
                     if z in d_set:
                         continue
-                    old_ids, old_sims = list(pdf[KNN_IDS].iloc[i]), [float(s) for s in pdf[KNN_SIMS].iloc[i]]
                     old_bound = float(pdf[KNN_BOUND].iloc[i])
+                    # Most images: no D entry listed and every new value below the bound, so the list
+                    # (exact values of its images) and its bound (above every unlisted one) still hold.
+                    if vals[i, 0] < old_bound and d_set.isdisjoint(pdf[KNN_IDS].iloc[i]):
+                        continue
+                    old_ids, old_sims = list(pdf[KNN_IDS].iloc[i]), [float(s) for s in pdf[KNN_SIMS].iloc[i]]
                     new = matching.merge_list(old_ids, old_sims, old_bound, d_set, d_arr[cols[i]], vals[i], k)
                     if new != (old_ids, old_sims, old_bound):
                         rows.append(("z", z, new[0], new[1], new[2], float(pdf[LEVEL].iloc[i])))
