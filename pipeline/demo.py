@@ -121,7 +121,8 @@ def run_demo(workdir: str, master: str | None = None) -> DemoResult:
              f"demo corpus: {len(rel)} images in {corpus} ({len(ORIGINALS)} photos x {len(VARIANTS)} variants "
              f"+ {len(DISTRACTORS)} unrelated); ground truth: {truth_csv}",
              f"pairs found: {len(predicted)}  precision {precision:.3f}  recall {recall:.3f} "
-             f"(threshold {result.config.dedup.threshold})"]
+             f"(threshold {result.config.dedup.threshold} on the {result.config.dedup.score} score"
+             f"{': expected pair precision' if result.config.dedup.score == 'calibrated' else ''})"]
     if missed:
         lines.append(f"missed pairs ({len(missed)}), e.g.: " + ", ".join(f"{a} ~ {b}" for a, b in missed[:5]))
     lines.append(f"outputs: {workdir_path}/ (images, embeddings, index, pairs, groups)")

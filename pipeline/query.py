@@ -11,7 +11,10 @@ the inner product with b's augmented vector, where q's variants are its DBA vect
 alpha-weighted sum of the best ``dedup.dba_k`` of q itself and its raw archive neighbours) and
 its embeddings rotated by each ``dedup.rotations`` angle, and b's augmented vector is the one
 the archive's last dedup used. So a match at or above ``dedup.threshold`` is what dedup would
-call a pair from q's side. What the query does not do is change the archive: b's augmented
+call a pair from q's side. With ``dedup.score=calibrated`` (the default) the threshold applies to
+the calibrated score (:mod:`pipeline.core.calibration`, the ``score`` column) of q's top
+``dedup.k`` by similarity: q's level is read from them, each archive image's level is the one
+of the last dedup (its state, ``incremental/<tag>/``). What the query does not do is change the archive: b's augmented
 vector does not take q in, and b's rotated queries are not run against q; ``dedup`` after
 ingesting the files (incremental) does both, and may score such a pair a little higher.
 
@@ -32,7 +35,7 @@ from pipeline.core import storage
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("query_path", "query_status", "query_error", "image_id", "path", "similarity", "rank")
+COLUMNS = ("query_path", "query_status", "query_error", "image_id", "path", "similarity", "score", "rank")
 
 
 @dataclass
@@ -146,10 +149,10 @@ def light_rows(files, matches, paths) -> list[dict[str, Any]]:
     for f, found in zip(files, matches):
         base = {"query_path": f.path, "query_status": f.status, "query_error": f.error}
         if not found:
-            rows.append({**base, "image_id": None, "path": None, "similarity": None, "rank": None})
-        for rank, (image_id, sim) in enumerate(found):
+            rows.append({**base, "image_id": None, "path": None, "similarity": None, "score": None, "rank": None})
+        for rank, (image_id, sim, score) in enumerate(found):
             rows.append({**base, "image_id": image_id, "path": paths.get(image_id), "similarity": float(sim),
-                         "rank": rank})
+                         "score": None if score is None else float(score), "rank": rank})
     return sort_rows(rows)
 
 
@@ -168,7 +171,7 @@ def write_matches_arrow(config: Config, rows: list[dict]) -> str:
     target = storage.local_path_of(uri)
     schema = pa.schema([("query_path", pa.string()), ("query_status", pa.string()), ("query_error", pa.string()),
                         ("image_id", pa.string()), ("path", pa.string()), ("similarity", pa.float32()),
-                        ("rank", pa.int32())])
+                        ("score", pa.float32()), ("rank", pa.int32())])
     staging = f"{target}.staging-{uuid.uuid4().hex[:12]}"
     os.makedirs(staging)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(staging, "part-00000.parquet"))
@@ -213,7 +216,8 @@ def format_report(rows: list[dict], metrics: dict, path: str, uri: str, limit: i
                 continue
             lines.append(head + ("" if r["image_id"] is not None else ": no match"))
         if r["image_id"] is not None:
-            lines.append(f"  {r['similarity']:.3f}  {r['path']!r} ({r['image_id']})")
+            score = "" if r.get("score") is None else f"  p={r['score']:.3f}"
+            lines.append(f"  {r['similarity']:.3f}{score}  {r['path']!r} ({r['image_id']})")
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more rows in the matches table")
     lines.append(f"files: {metrics['query_files']}  ok: {metrics['query_files_ok']}  error: {metrics['query_files_error']}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.core import calibration as cal_core
 from pipeline.core import faiss_index, imageio, matching, storage
 from pipeline.core import listing as L
 from pipeline.encoders import registry
@@ -142,6 +143,7 @@ class Archive:
         self.id_of: dict[int, str] = {}
         self.state_ids: np.ndarray | None = None
         self.aug: np.ndarray | None = None
+        self.levels: dict[str, float] = {}
         self.workdir = workdir
         self.method = method
 
@@ -167,6 +169,17 @@ class Archive:
         state = read_columns(self.workdir.incremental(self.method), [S.IMAGE_ID, "aug"])
         self.state_ids = np.asarray(state.column(S.IMAGE_ID).to_pylist(), dtype=object)
         self.aug = vectors_of(state, "aug")
+
+    def load_levels(self, calibration: cal_core.Calibration) -> None:
+        """Each archive image's level (calibrated scores), from the last dedup's state."""
+        uri = self.workdir.incremental(self.method)
+        version = storage.read_metadata(uri).get("calibration") if storage.file_exists(f"{uri}/_SUCCESS") else None
+        if version != calibration.version or not self.state_usable():
+            raise ValueError(f"dedup.score=calibrated: the last dedup's state at {uri} has no levels for calibration "
+                             f"{calibration.version} and this index (run dedup with these settings, or query with "
+                             "dedup.score=cosine)")
+        state = read_columns(uri, [S.IMAGE_ID, "level"])
+        self.levels = dict(zip(state.column(S.IMAGE_ID).to_pylist(), state.column("level").to_pylist()))
 
     def search_raw(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Top-``k`` raw neighbours over every shard (the index job's FAISS search)."""
@@ -229,12 +242,41 @@ def archive_raw_vectors(archive: Archive, ids: list[str]) -> dict[str, np.ndarra
     return out
 
 
-def search(config: Config, archive: Archive, variants: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-    """Each query's top-``k`` archive images by its best variant's similarity (>= the threshold)."""
+def calibration_for(config: Config) -> cal_core.Calibration | None:
+    """The calibration query scores with (dedup.score=calibrated, float re-rankable encoders), else None."""
+    if config.dedup.score != "calibrated" or not registry.encoder_for(config).reranking:
+        return None
+    space = cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
+    return cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space))
+
+
+def calibrated_matches(ids: list[str], sims: np.ndarray, levels: dict[str, float], calibration: cal_core.Calibration,
+                       k: int, threshold: float) -> list[tuple[str, float, float]]:
+    """A query's matches by calibrated score, as dedup scores a pair from the query's side: the
+    candidates are its top ``k`` by similarity, its level is read from them (as if it were in the
+    archive), each archive image's level is the last dedup's. Best score first (ties: image id)."""
+    top = sorted(zip(ids, np.asarray(sims, np.float32).tolist()), key=lambda t: (-t[1], t[0]))[:k]
+    if not top:
+        return []
+    level_q = cal_core.level_of_row(np.array([s for _, s in top]), calibration.rank)
+    level_y = np.array([levels.get(i, -1.0) for i, _ in top], np.float64)
+    p = calibration.probability(np.array([s for _, s in top], np.float64), level_q, level_y).astype(np.float32)
+    kept = [(i, s, float(v)) for (i, s), v in zip(top, p) if v >= threshold]
+    return sorted(kept, key=lambda t: (-np.float32(t[2]), t[0]))
+
+
+def search(config: Config, archive: Archive, variants: np.ndarray, k: int,
+           calibration: cal_core.Calibration | None = None) -> list[list[tuple[str, float, float | None]]]:
+    """Each query's top-``k`` archive images by its best variant's similarity, as (image id, similarity,
+    calibrated score or None), at or above the threshold (on the calibrated score when there is one)."""
     threshold = config.dedup.threshold
     if archive.aug is not None:
         scores = matching.directed_scores(variants, archive.aug)
-        return [[(str(archive.state_ids[c]), s) for c, s in row] for row in matching.best_matches(scores, k, threshold)]
+        if calibration is not None:
+            ids = archive.state_ids.tolist()
+            return [calibrated_matches(ids, row, archive.levels, calibration, k, threshold) for row in scores]
+        return [[(str(archive.state_ids[c]), s, None) for c, s in row]
+                for row in matching.best_matches(scores, k, threshold)]
     out = []
     n, v, dim = variants.shape
     sims, ids = archive.search_raw(variants.reshape(n * v, dim), k)
@@ -243,14 +285,20 @@ def search(config: Config, archive: Archive, variants: np.ndarray, k: int) -> li
         for row in range(q * v, (q + 1) * v):
             for image_id, s in zip(ids[row], sims[row]):
                 best[image_id] = max(best.get(image_id, -2.0), float(s))
-        ranked = sorted(((i, s) for i, s in best.items() if s >= threshold), key=lambda t: (-t[1], t[0]))
+        if calibration is not None:
+            out.append(calibrated_matches(list(best), np.array(list(best.values())), archive.levels, calibration, k,
+                                          threshold))
+            continue
+        ranked = sorted(((i, s, None) for i, s in best.items() if s >= threshold), key=lambda t: (-t[1], t[0]))
         out.append(ranked[:k])
     return out
 
 
-def _timed_load(archive: Archive, augmented: bool) -> tuple[Archive, float]:
+def _timed_load(archive: Archive, augmented: bool, calibration: cal_core.Calibration | None) -> tuple[Archive, float]:
     t = time.perf_counter()
     archive.load(augmented)
+    if calibration is not None:
+        archive.load_levels(calibration)
     return archive, time.perf_counter() - t
 
 
@@ -264,7 +312,8 @@ def run_light(config: Config, rotations: list[int], listed: list | None = None) 
     timings["read_seconds"] = time.perf_counter() - started
     # The archive is read (pyarrow, FAISS: no GIL held) while TensorFlow starts and embeds.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(_timed_load, Archive(config), config.dedup.dba_k > 1)
+        calibration = calibration_for(config)
+        loading = pool.submit(_timed_load, Archive(config), config.dedup.dba_k > 1, calibration)
         t = time.perf_counter()
         embed_files(config, files, rotations)
         timings["embed_seconds"] = time.perf_counter() - t
@@ -273,10 +322,10 @@ def run_light(config: Config, rotations: list[int], listed: list | None = None) 
     ok = [f for f in files if f.status == S.STATUS_OK and f.vector is not None]
     vectors = np.stack([f.vector for f in ok]) if ok else np.zeros((0, archive.meta["dimension"]), np.float32)
     variants = query_variants(config, archive, vectors, [[f.rotated.get(r) for f in ok] for r in rotations])
-    found = search(config, archive, variants, config.dedup.k) if ok else []
+    found = search(config, archive, variants, config.dedup.k, calibration) if ok else []
     by_file = dict(zip((id(f) for f in ok), found))
     matches = [by_file.get(id(f), []) for f in files]
-    paths = archive.paths({i for row in matches for i, _ in row})
+    paths = archive.paths({m[0] for row in matches for m in row})
     timings["search_seconds"] = time.perf_counter() - t
     return files, matches, paths, timings
 

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pipeline.config.checks import (  # noqa: F401 (re-exported)
-    APPLY_MODES, INPUT_MODES, KEEP_POLICIES, POOLING_METHODS, validate_descriptor_options, validate_review_options)
+    APPLY_MODES, INPUT_MODES, KEEP_POLICIES, POOLING_METHODS, PAIR_SCORES, validate_descriptor_options,
+    validate_pair_score, validate_review_options)
 from pipeline.config.parsing import (  # noqa: F401 (re-exported)
     ConfigError, _build, local_path_of, parse_memory, parse_override, set_dotted)
 
@@ -118,7 +119,13 @@ class IndexSettings:
 
 @dataclass
 class DedupSettings:
-    threshold: float = 0.88
+    # score: calibrated -> threshold is the expected pair precision (the calibrated probability
+    # that a pair is a duplicate, pipeline.core.calibration); score: cosine -> a cosine similarity.
+    threshold: float = 0.9
+    score: str = "calibrated"
+    # Calibration artifact (.npz from `make calibrate`); null: the one shipped in the package for
+    # the embedding space (raw, or centred when embed.postprocess is set).
+    calibration: str | None = None
     k: int = 20
     # Database-side augmentation: each database vector is replaced by the alpha-weighted sum of
     # its dba_k nearest neighbours (itself included) before the final search; 0 or 1: off.
@@ -202,6 +209,9 @@ class EvaluateSettings:
     json_out: str | None = None
     # Learn embed.postprocess first with the train job on this OTHER collection (a folder).
     train_input: str | None = None
+    # dataset "mixed": these labelled folders are searched together with `input` as ONE
+    # collection (ground truth merged); pair precision/recall only.
+    mixed_with: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -289,8 +299,7 @@ class Config:
             raise ConfigError("workdir must be set")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction!r}")
-        if not -1.0 <= self.dedup.threshold <= 1.0:
-            raise ConfigError(f"dedup.threshold is a cosine similarity in [-1, 1], got {self.dedup.threshold!r}")
+        validate_pair_score(self)
         if self.dedup.k < 1:
             raise ConfigError(f"dedup.k must be >= 1, got {self.dedup.k!r}")
         if self.index.type not in INDEX_TYPES:
@@ -320,8 +329,10 @@ class Config:
         if self.dedup.hamming_bits is not None and not 0 <= self.dedup.hamming_bits <= 64:
             raise ConfigError(f"dedup.hamming_bits must be in [0, 64], got {self.dedup.hamming_bits!r}")
         validate_review_options(self)
-        if self.evaluate.dataset not in ("ukbench", "holidays"):
-            raise ConfigError(f"evaluate.dataset must be ukbench or holidays, got {self.evaluate.dataset!r}")
+        if self.evaluate.dataset not in ("ukbench", "holidays", "mixed"):
+            raise ConfigError(f"evaluate.dataset must be ukbench, holidays or mixed, got {self.evaluate.dataset!r}")
+        if self.evaluate.mixed_with and self.evaluate.dataset != "mixed":
+            raise ConfigError("evaluate.mixed_with needs evaluate.dataset=mixed")
         return self
 
     # ------------------------------------------------------------- derived

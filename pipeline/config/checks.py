@@ -71,6 +71,27 @@ def validate_descriptor_options(config: "Config") -> None:
                           f"{t.head_augmentations!r}, {t.head_temperature!r}")
 
 
+PAIR_SCORES = ("calibrated", "cosine")
+
+
+def validate_pair_score(config: "Config") -> None:
+    """dedup.score, dedup.threshold on its scale, dedup.calibration (issue 11)."""
+    d = config.dedup
+    if d.score not in PAIR_SCORES:
+        raise ConfigError(f"dedup.score must be one of {', '.join(PAIR_SCORES)}, got {d.score!r}")
+    if d.score == "calibrated" and not 0.0 <= d.threshold <= 1.0:
+        raise ConfigError(f"dedup.threshold is an expected pair precision in [0, 1] with dedup.score=calibrated "
+                          f"(set dedup.score=cosine to threshold the cosine), got {d.threshold!r}")
+    if not -1.0 <= d.threshold <= 1.0:
+        raise ConfigError(f"dedup.threshold is a cosine similarity in [-1, 1], got {d.threshold!r}")
+    if isinstance(d.calibration, str) and d.calibration.strip().lower() in ("", "none", "null"):
+        d.calibration = None
+    if d.calibration is not None:
+        if not os.path.isfile(d.calibration):
+            raise ConfigError(f"dedup.calibration: file not found: {d.calibration!r} (a .npz from make calibrate)")
+        d.calibration = os.path.abspath(d.calibration)
+
+
 KEEP_POLICIES = ("pixels", "largest", "oldest", "newest")
 APPLY_MODES = ("report", "move", "hardlink", "symlink")
 

@@ -83,3 +83,41 @@ def augment_query(vector: np.ndarray, sims, neighbors, dba_k: int, alpha: float)
     cands += [(float(s), 1 + j, np.asarray(v, np.float32)) for j, (s, v) in enumerate(zip(sims, neighbors))]
     best = sorted(cands, key=lambda c: (-c[0], c[1]))[:dba_k]
     return augment(np.stack([c[2] for c in best])[None], np.asarray([c[0] for c in best], np.float32)[None], alpha)[0]
+
+
+# ---------------------------------------------------------------- kNN lists (calibrated dedup)
+# A stored kNN list of image z: ids and dir(z -> .) values, best first, and a bound: every image
+# NOT in the list has dir(z -> y) <= bound. A full dedup's list is the exact top-k (bound: the k-th
+# value); NO_BOUND: the list holds every other image (a collection of k + 1 images or fewer).
+NO_BOUND = -2.0
+
+
+def merge_list(ids, sims, bound: float, rescored: set, new_ids, new_sims, k: int) -> tuple[list, list, float]:
+    """z's list after the images in ``rescored`` changed: their old entries dropped, their new
+    values (``new_ids`` / ``new_sims``, the best k + 1 of them suffice) merged in, top ``k`` kept;
+    what falls off raises the bound. Ties: lower id first."""
+    entries = [(float(s), i) for i, s in zip(ids, sims) if i not in rescored]
+    entries += [(float(s), i) for i, s in zip(new_ids, new_sims)]
+    entries.sort(key=lambda e: (-e[0], e[1]))
+    if len(entries) > k:
+        bound = max(bound, entries[k][0])
+    top = entries[:k]
+    return [i for _, i in top], [s for s, _ in top], bound
+
+
+def list_level(sims, bound: float, rank: int) -> float | None:
+    """The similarity to the ``rank``-th other image (fewer listed and nothing outside: the last; none: -1),
+    or None when the list cannot tell (an unlisted image, <= bound, could rank above it)."""
+    sims = list(sims)
+    if bound <= NO_BOUND:
+        return float(sims[min(rank, len(sims)) - 1]) if sims else -1.0
+    if len(sims) < rank or sims[rank - 1] < bound:
+        return None
+    return float(sims[rank - 1])
+
+
+def outside_bound(sims, bound: float, k: int) -> float | None:
+    """An upper bound of dir(z -> y) for every y outside z's exact top-``k`` (None: none is outside)."""
+    if bound <= NO_BOUND:
+        return None
+    return max(bound, float(sims[k - 1])) if len(sims) >= k else bound

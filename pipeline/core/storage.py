@@ -56,6 +56,7 @@ class Workdir:
         train_descriptors/<key>/    SIFT descriptors of a training collection
         train/<name>/               the image table of a post-processing training collection
         postprocess/                learned post-processing (.npz), and copies fetched from MLflow
+        evaluation/<tag>/           figures of the evaluate job (pairs' precision-recall curve)
         mlflow.db                   the embedded MLflow store (when no tracking URI is set)
         tmp/<name>/                 scratch of a running job (component checkpoints), deleted at its end
         incremental/<tag>/          per-image state of the last dedup (incremental dedup, query)
@@ -103,6 +104,10 @@ class Workdir:
         return Workdir(self.join("query"))
 
     # Everything else the jobs write.
+    def evaluation_file(self, method: str, name: str) -> str:
+        """Figures of the evaluate job (the pairs' precision-recall curve), shown by the report."""
+        return self.join("evaluation", tag_of(method), name)
+
     def scratch(self, name: str) -> str:
         """A folder one running job owns (unique ``name``) and deletes when it ends."""
         return self.join("tmp", name)

@@ -2,7 +2,10 @@
 
 UKBench: N-S score (top-4, query included). Holidays: mAP over the ``XXXX00`` queries, each
 query removed from its own ranking. Both: precision and recall of the dedup pairs at the
-configured threshold. One MLflow parent run, one nested run per backbone.
+configured threshold, their precision-recall curve (:mod:`.pairs`, a PNG in MLflow and in the
+workdir for the report) and the operating point. ``mixed``: several labelled folders
+searched as one collection (``evaluate.input`` + ``evaluate.mixed_with``, ground truth
+merged), scored by pairs only. One MLflow parent run, one nested run per backbone.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.core import metrics as M
 from pipeline.core import storage
 from pipeline.encoders import backbones, postprocess, registry
+from pipeline.evaluate import pairs as pair_eval
 from pipeline.evaluate import report
 from pipeline.stages import search, steps, tables, tracking
 from pipeline.stages.vocabulary import prepare as vocabulary_prepare
@@ -59,7 +63,22 @@ def load_ground_truth(dataset: str, input_dir: str) -> GroundTruth:
     return GroundTruth(dataset, group_of, queries)
 
 
+def merged_ground_truth(folders: list[str]) -> GroundTruth:
+    """Several datasets as one collection: each folder's groups kept apart (``folder:group``)."""
+    group_of: dict[str, str] = {}
+    for folder in folders:
+        name = posixpath.basename(folder.rstrip("/"))
+        truth = load_ground_truth("mixed", folder)
+        clash = set(truth.group_of) & set(group_of)
+        if clash:
+            raise ConfigError(f"evaluate mixed: file names in several datasets, e.g. {sorted(clash)[0]!r}")
+        group_of.update({f: f"{name}:{g}" for f, g in truth.group_of.items()})
+    return GroundTruth("mixed", group_of)
+
+
 def score(dataset: str, truth: GroundTruth, rankings: dict[str, list[str]]) -> dict[str, float]:
+    if dataset == "mixed":
+        return {}  # pairs only: the rankings' metrics belong to one dataset's protocol
     if dataset == "ukbench":
         return {"ns_score": M.ns_score(rankings, truth.group_of, top=4)}
     relevant = truth.relevant()
@@ -92,8 +111,9 @@ def evaluate(spark: SparkSession, config: Config) -> tuple[list[dict[str, Any]],
     ev = config.evaluate
     if not ev.input:
         raise ConfigError("evaluate needs --input DIR (a dataset folder with groundtruth.csv)")
-    truth = load_ground_truth(ev.dataset, ev.input)
-    config = config.with_overrides(ingest__input=[ev.input])
+    folders = [ev.input, *ev.mixed_with]
+    truth = merged_ground_truth(folders) if ev.dataset == "mixed" else load_ground_truth(ev.dataset, ev.input)
+    config = config.with_overrides(ingest__input=folders)
     results: list[dict[str, Any]] = []
     with tracking.mlflow_run(config, f"evaluate-{ev.dataset}", tags={"job": "evaluate", "dataset": ev.dataset}):
         ingest_metrics, _ = steps.ingest_step(spark, config)
@@ -109,6 +129,9 @@ def evaluate(spark: SparkSession, config: Config) -> tuple[list[dict[str, Any]],
                 continue
             results.append(_evaluate_backbone(spark, cfg, truth, name_of, n_images, ingest_metrics))
         table = format_table(results)
+        curves = "\n".join(f"{storage.tag_of(r['method'])}: {pair_eval.format_curve(r['pair_curve'])}\n"
+                            f"  curve: {r['pr_curve_png']}" for r in results if r.get("pair_curve"))
+        table = f"{table}\n{curves}" if curves else table
         tracking.log_text_artifact(table, "comparison.txt")
         study = report.study_table(results, config.classical.compare_with)
         tracking.log_text_artifact(study, "study_table.txt")
@@ -161,9 +184,11 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
         m.update(steps.embed_step(spark, cfg, incremental=False)[0])  # timings must be of real work
         m.update(steps.index_step(spark, cfg))
         k = 4 if cfg.evaluate.dataset == "ukbench" else min(MAX_RANKING, n_images)
+        rankings: dict[str, list[str]] = {}
         with timed("search", m):
-            neighbors = search.search_neighbors(spark, cfg, k).localCheckpoint()
-        rankings = collect_rankings(neighbors, name_of)
+            if cfg.evaluate.dataset != "mixed":
+                neighbors = search.search_neighbors(spark, cfg, k).localCheckpoint()
+                rankings = collect_rankings(neighbors, name_of)
         rankings = {q: [n for n in v if n in truth.group_of] for q, v in rankings.items() if q in truth.group_of}
         scores = score(cfg.evaluate.dataset, truth, rankings)
         m.update(steps.dedup_step(spark, cfg))
@@ -172,6 +197,11 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
         predicted = [(name_of[r[S.IMAGE_ID_A]], name_of[r[S.IMAGE_ID_B]]) for r in pairs]
         precision, recall = M.pair_precision_recall(predicted, M.true_pairs(truth.group_of))
         scores.update({"pair_precision": precision, "pair_recall": recall})
+        threshold = float(storage.read_metadata(workdir.pairs(backbone)).get("threshold", cfg.dedup.threshold))
+        curve = pair_eval.pair_curves(spark, cfg, name_of, truth.group_of, threshold)
+        png = pair_eval.curve_png(curve, _local_file(workdir.evaluation_file(backbone, "pr_curve.png")),
+                                  f"{storage.tag_of(backbone)} on {cfg.evaluate.dataset} ({n_images} images): pairs")
+        mlflow.log_artifact(png)
         tracking.log_metrics(scores)
         return {
             "dataset": cfg.evaluate.dataset,
@@ -181,6 +211,10 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "queries": len(truth.queries) if cfg.evaluate.dataset == "holidays" else len(rankings),
             **scores,
             "threshold": cfg.dedup.threshold,
+            "score": curve["score"],
+            "operating_point": curve["operating_point"],
+            "pair_curve": curve,
+            "pr_curve_png": png,
             "embed_seconds": m["embed_seconds"],
             "images_per_second": m["images_per_second"],
             "index_seconds": m["index_seconds"],
@@ -194,6 +228,16 @@ def _evaluate_backbone(spark, cfg: Config, truth: GroundTruth, name_of: dict[str
             "mlflow_run_id": run.info.run_id,
             **encoder.result_extras(),
         }
+
+
+def _local_file(uri: str) -> str:
+    """A local path for ``uri`` (remote workdirs: a temporary file; the PNG is also in MLflow)."""
+    local = storage.local_path_of(uri)
+    if local is None:
+        import tempfile
+
+        local = os.path.join(tempfile.mkdtemp(prefix="neardup-eval-"), posixpath.basename(uri))
+    return local
 
 
 def _postprocess_version(cfg: Config) -> str:

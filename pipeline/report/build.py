@@ -81,7 +81,10 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
     root = pages.shorten_paths(groups)
     histogram, note = data.histogram_of(spark, t)
     threshold = t.pairs_meta.get("threshold", config.dedup.threshold)
-    plot.similarity_histogram_png(histogram, threshold, os.path.join(staging, "similarity.png"))
+    calibrated = t.pairs_meta.get("score") == "calibrated"
+    plot.similarity_histogram_png(histogram, threshold, os.path.join(staging, "similarity.png"),
+                                  xlabel=("calibrated duplicate probability of candidate pairs" if calibrated else None))
+    pr_curve = _copy_pr_curve(config, staging)
     run = data.find_dedup_run(config)
     summary = {
         "title": "neardup report",
@@ -98,6 +101,8 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
         "threshold": threshold,
         "histogram": "similarity.png",
         "histogram_note": note,
+        "score": "calibrated" if calibrated else "cosine",
+        "pr_curve": pr_curve,
         "failed_total": t.images.where(F.col(S.STATUS) != S.STATUS_OK).count(),
         "mlflow_run": run,
         "tracking_uri": config.tracking_uri(),
@@ -120,6 +125,16 @@ def build_report(spark: SparkSession, config: Config, out: str | None = None, lo
                      f"{result.pages} pages, {result.thumbnails} thumbnails\nopen {result.url}")
     log.info("report: %s (%d groups, %d pages)", result.url, result.groups, result.pages)
     return result
+
+
+def _copy_pr_curve(config: Config, staging: str) -> str | None:
+    """The pairs' precision-recall curve when `evaluate` ran in this workdir (labelled data)."""
+    src = storage.Workdir.of(config.workdir).evaluation_file(config.embed.backbone, "pr_curve.png")
+    local = storage.local_path_of(src)
+    if local is None or not os.path.isfile(local):
+        return None
+    shutil.copyfile(local, os.path.join(staging, "pr_curve.png"))
+    return "pr_curve.png"
 
 
 def _log_to_mlflow(config: Config, out_dir: str, source: dict | None) -> str:

@@ -12,12 +12,13 @@ from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import storage
 from pipeline.stages import tables
+from pipeline.stages.dedup import SCORE
 
 log = logging.getLogger(__name__)
 
 # The settings shown on the summary page (all of them are in a collapsed table below it).
 SHOWN_SETTINGS = ("ingest.input", "embed.backbone", "embed.weights", "embed.input", "embed.pooling",
-                  "embed.postprocess", "index.type", "index.shards", "dedup.threshold", "dedup.k", "dedup.dba_k",
+                  "embed.postprocess", "index.type", "index.shards", "dedup.score", "dedup.threshold", "dedup.k", "dedup.dba_k",
                   "dedup.qe_k", "dedup.rotations", "dedup.keep", "dedup.keep_folders", "dedup.not_duplicates")
 DOT = "aggregate(zip_with(e1, e2, (x, y) -> x * y), 0D, (acc, x) -> acc + x)"
 
@@ -55,9 +56,12 @@ def member_rows(t: Tables) -> list[dict[str, Any]]:
     kept = t.groups.where(F.col(S.KEEP)).select(S.GROUP_ID, F.col(S.IMAGE_ID).alias("kept_id"))
     m = t.groups.join(info, S.IMAGE_ID).join(kept, S.GROUP_ID)
     lo, hi = F.least(S.IMAGE_ID, "kept_id"), F.greatest(S.IMAGE_ID, "kept_id")
+    scored = SCORE in t.pairs.columns
+    score_col = F.col(SCORE) if scored else F.lit(None).cast("float")
     direct = t.pairs.select(F.col(S.IMAGE_ID_A).alias("pa"), F.col(S.IMAGE_ID_B).alias("pb"),
-                            F.col(S.SIMILARITY).alias("direct"))
+                            F.col(S.SIMILARITY).alias("direct"), score_col.alias("direct_score"))
     m = m.join(direct, (lo == direct.pa) & (hi == direct.pb), "left")
+    m = m.join(_best_link(t), [S.GROUP_ID, S.IMAGE_ID], "left")
     dot = F.lit(None).cast("double")
     if t.embeddings is not None and t.pairs_meta.get("metric", "inner_product") == "inner_product":
         ok = t.embeddings.where(F.col(S.STATUS) == S.STATUS_OK)
@@ -69,10 +73,25 @@ def member_rows(t: Tables) -> list[dict[str, Any]]:
                   .otherwise(F.coalesce(F.col("direct").cast("double"), F.least(F.lit(1.0), dot))))
     source = (F.when(F.col(S.KEEP), F.lit("pair")).when(F.col("direct").isNotNull(), F.lit("pair"))
               .when(dot.isNotNull(), F.lit("embedding")))
+    score = F.when(~F.col(S.KEEP), F.coalesce(F.col("direct_score"), F.col("best_score")).cast("double"))
     rows = m.select(S.GROUP_ID, S.IMAGE_ID, S.KEEP, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES, S.FORMAT,
-                    similarity.alias("similarity"), source.alias("similarity_source")).toPandas()
+                    similarity.alias("similarity"), source.alias("similarity_source"),
+                    score.alias("score")).toPandas()
     rows = rows.astype(object).where(rows.notna(), None)
     return rows.to_dict("records")
+
+
+def _best_link(t: Tables) -> DataFrame:
+    """(group_id, image_id, best_score): each image's strongest calibrated pair inside its group."""
+    if SCORE not in t.pairs.columns:
+        return t.groups.select(S.GROUP_ID, S.IMAGE_ID, F.lit(None).cast("float").alias("best_score")).limit(0)
+    ga = t.groups.select(F.col(S.IMAGE_ID).alias("ia"), F.col(S.GROUP_ID).alias("ga"))
+    gb = t.groups.select(F.col(S.IMAGE_ID).alias("ib"), F.col(S.GROUP_ID).alias("gb"))
+    inside = (t.pairs.join(ga, F.col(S.IMAGE_ID_A) == F.col("ia")).join(gb, F.col(S.IMAGE_ID_B) == F.col("ib"))
+              .where(F.col("ga") == F.col("gb")))
+    ends = (inside.select(F.col("ga").alias(S.GROUP_ID), F.col("ia").alias(S.IMAGE_ID), F.col(SCORE))
+            .unionByName(inside.select(F.col("ga").alias(S.GROUP_ID), F.col("ib").alias(S.IMAGE_ID), F.col(SCORE))))
+    return ends.groupBy(S.GROUP_ID, S.IMAGE_ID).agg(F.max(SCORE).alias("best_score"))
 
 
 def failed_rows(t: Tables) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import jinja2
 
 ORDERS = {
     "size": "largest groups first",
-    "doubt": "least similar first (doubtful groups)",
+    "doubt": "most doubtful first (lowest duplicate probability)",
 }
 FAILED_PER_PAGE = 500
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -35,6 +35,9 @@ class Member:
     # "pair": the pair's similarity from the search; "embedding": no direct pair (joined through
     # other images), cosine of the two embeddings; None: unknown.
     similarity_source: str | None
+    # Calibrated probability that it duplicates the kept image (its pair with it, or, joined
+    # through others, its strongest pair in the group); None with dedup.score=cosine.
+    score: float | None = None
     thumb: str | None = None  # relative URL of the thumbnail, None when it could not be made
     shown_path: str | None = None  # the path relative to the archive root (the full one is a tooltip)
 
@@ -53,6 +56,21 @@ class Group:
         sims = [m.similarity for m in self.members if not m.keep]
         known = [s for s in sims if s is not None]
         return min(known) if known else -1.0  # unknown similarity: the most doubtful
+
+    @property
+    def min_score(self) -> float | None:
+        """The weakest member's duplicate probability; None when the pairs carry no score."""
+        scores = [m.score for m in self.members if not m.keep]
+        if not any(s is not None for s in scores):
+            return None
+        return min(s if s is not None else -1.0 for s in scores)
+
+    @property
+    def doubt(self) -> float:
+        """What "most doubtful first" sorts by: the calibrated score when there is one, as it
+        means the same in dense and sparse parts of the collection; else the cosine."""
+        score = self.min_score
+        return score if score is not None else self.min_similarity
 
     @property
     def bytes_freed(self) -> int:
@@ -91,9 +109,9 @@ def shorten_paths(groups: Sequence[Group]) -> str:
 
 def order_groups(groups: Sequence[Group], order: str) -> list[Group]:
     if order == "size":
-        return sorted(groups, key=lambda g: (-g.size, g.min_similarity, g.group_id))
+        return sorted(groups, key=lambda g: (-g.size, g.doubt, g.group_id))
     if order == "doubt":
-        return sorted(groups, key=lambda g: (g.min_similarity, -g.size, g.group_id))
+        return sorted(groups, key=lambda g: (g.doubt, g.min_similarity, -g.size, g.group_id))
     raise ValueError(f"unknown order {order!r}; one of {', '.join(ORDERS)}")
 
 

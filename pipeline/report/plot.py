@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def similarity_histogram_png(histogram: dict[str, int], threshold: float, path: str,
-                             bin_width: float = 0.01) -> None:
+                             bin_width: float = 0.01, xlabel: str | None = None) -> None:
     """Bars of candidate-pair counts per similarity bin, the threshold as a vertical line.
 
     ``histogram`` maps a bin's lower edge (as text, e.g. "0.87") to its count. The y axis is
@@ -27,7 +27,7 @@ def similarity_histogram_png(histogram: dict[str, int], threshold: float, path: 
         ax.axvline(threshold, color="#2c3e50", linestyle="--", linewidth=1.5)
         ax.annotate(f"threshold {threshold:.3f}", xy=(threshold, 1), xycoords=("data", "axes fraction"),
                     xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=9)
-        ax.set_xlabel("similarity of candidate pairs (each image's nearest neighbours)")
+        ax.set_xlabel(xlabel or "similarity of candidate pairs (each image's nearest neighbours)")
         ax.set_ylabel("pairs (log scale)")
         fig.tight_layout()
         fig.savefig(path, format="png")

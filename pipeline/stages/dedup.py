@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 
 from pipeline import schemas as S
 from pipeline.config import Config, ConfigError
+from pipeline.core import calibration as cal_core
 from pipeline.core import grouping as G
 from pipeline.core import storage
 from pipeline.encoders import registry
@@ -31,6 +32,69 @@ def pairs_from_neighbors(neighbors: DataFrame, threshold: float) -> DataFrame:
         .groupBy(S.IMAGE_ID_A, S.IMAGE_ID_B)
         .agg(F.max(S.SIMILARITY).alias(S.SIMILARITY))
     )
+
+
+# Pairs-table columns beyond PAIRS_TABLE (image_id_a, image_id_b, similarity = raw cosine).
+SCORE = "score"          # calibrated probability that the pair is a duplicate (null: dedup.score=cosine)
+LEVEL = "level"
+
+
+def neighbour_levels(neighbors: DataFrame, rank: int) -> DataFrame:
+    """Each query's similarity to its ``rank``-th other neighbour; the Spark twin of
+    :func:`pipeline.core.calibration.neighbour_levels` (fewer neighbours: the last one)."""
+    others = neighbors.where(F.col(S.QUERY_ID) != F.col(S.NEIGHBOR_ID))
+    ordered = Window.partitionBy(S.QUERY_ID).orderBy(S.RANK, S.NEIGHBOR_ID)
+    return (others.withColumn("pos", F.row_number().over(ordered))
+            .withColumn("n", F.count(F.lit(1)).over(Window.partitionBy(S.QUERY_ID)))
+            .where(F.col("pos") == F.least(F.lit(int(rank)), F.col("n")))
+            .select(F.col(S.QUERY_ID).alias(S.IMAGE_ID), F.col(S.SIMILARITY).cast("double").alias(LEVEL)))
+
+
+def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_core.Calibration) -> DataFrame:
+    """Add :data:`SCORE`: :meth:`pipeline.core.calibration.Calibration.probability` in Spark.
+
+    The levels come from the same kNN lists as the pairs: no extra search, one shuffle.
+    """
+    levels = neighbour_levels(neighbors, calibration.rank)
+    # Renamed copies, not one frame joined twice: Spark mis-resolves such self-joins.
+    la = levels.select(F.col(S.IMAGE_ID).alias("_a"), F.col(LEVEL).alias("_la"))
+    lb = levels.select(F.col(S.IMAGE_ID).alias("_b"), F.col(LEVEL).alias("_lb"))
+    joined = (candidates.join(la, F.col(S.IMAGE_ID_A) == F.col("_a"), "left")
+              .join(lb, F.col(S.IMAGE_ID_B) == F.col("_b"), "left"))
+    return joined.select(S.IMAGE_ID_A, S.IMAGE_ID_B, S.SIMILARITY,
+                         probability(calibration, F.col(S.SIMILARITY), F.col("_la"), F.col("_lb")).alias(SCORE))
+
+
+def probability(calibration: cal_core.Calibration, cosine: Column, level_a: Column, level_b: Column) -> Column:
+    """:meth:`pipeline.core.calibration.Calibration.probability` as a float column (a missing level: -1)."""
+    cosine = cosine.cast("double")
+    terms = calibration.spark_terms()
+    level = F.greatest(F.coalesce(level_a, F.lit(-1.0)), F.coalesce(level_b, F.lit(-1.0)))
+    if terms["level_cap"] is not None:
+        level = F.least(level, F.lit(terms["level_cap"]))
+    normalised = cosine - level
+    logit = F.lit(terms["intercept"]) + F.lit(terms["cosine"]) * cosine + F.lit(terms["normalised"]) * normalised
+    return (1.0 / (1.0 + F.exp(-logit))).cast("float")
+
+
+def calibration_space(config: Config) -> str:
+    """Which shipped calibration fits the similarities: centring and DBA change their scale."""
+    return cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
+
+
+def load_calibration(config: Config) -> cal_core.Calibration:
+    """``dedup.calibration`` (an artifact path) or the one shipped for the embedding space."""
+    path = config.dedup.calibration or cal_core.shipped(calibration_space(config))
+    try:
+        return cal_core.Calibration.load(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"dedup.calibration: cannot read {path}: {exc}") from exc
+
+
+def uses_calibration(config: Config) -> bool:
+    """Calibrated scores apply to float embeddings that re-ranking applies to (CNNs), not hashes
+    or classical vectors (their threshold stays a similarity)."""
+    return config.dedup.score == "calibrated" and registry.encoder_for(config).reranking
 
 
 def keep_order(policy: str = "pixels", keep_folders: Sequence[str] = ()) -> list[Column]:
@@ -75,10 +139,11 @@ def groups_with_keep(components: DataFrame, images: DataFrame, policy: str = "pi
 HISTOGRAM_BINS = 200  # similarity histogram over [-1, 1] in steps of 0.01
 
 
-def similarity_histogram(candidates: DataFrame) -> dict[str, int]:
-    """Counts of candidate-pair similarities per 0.01 bin (key: the bin's lower edge, e.g. "0.87")."""
+def similarity_histogram(candidates: DataFrame, column: str = S.SIMILARITY) -> dict[str, int]:
+    """Counts of candidate-pair values (``column``: cosine or calibrated score) per 0.01 bin
+    (key: the bin's lower edge, e.g. "0.87")."""
     width = 2.0 / HISTOGRAM_BINS
-    bin_no = F.least(F.floor((F.col(S.SIMILARITY) + 1.0) / width), F.lit(HISTOGRAM_BINS - 1)).cast("int")
+    bin_no = F.least(F.floor((F.col(column) + 1.0) / width), F.lit(HISTOGRAM_BINS - 1)).cast("int")
     rows = candidates.groupBy(bin_no.alias("bin")).count().collect()
     return {f"{-1.0 + r['bin'] * width:.2f}": int(r["count"]) for r in sorted(rows, key=lambda r: r["bin"])}
 
@@ -128,6 +193,10 @@ def resolve_not_duplicates(spark: SparkSession, entries: list[tuple[str, str]],
     return sorted(set(pairs)), unmatched
 
 
+# Up to this many pairs the groups' components are computed on the driver (union-find).
+DRIVER_COMPONENTS_MAX = 2_000_000
+
+
 def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[tuple[str, str]],
                          checkpoint_dir: str | None = None) -> tuple[DataFrame, int]:
     """Connected components in which no declared "not duplicates" pair shares a group.
@@ -138,6 +207,11 @@ def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[
     such components are few and small, the rest stay in Spark. Returns (components, split count).
     """
     if not forbidden:
+        if pairs.count() <= DRIVER_COMPONENTS_MAX:
+            # Few edges: union-find here (the oracle the Spark components are tested against)
+            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
+            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
+            return spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string"), 0
         return connected_components(pairs, checkpoint_dir=checkpoint_dir), 0
     banned = spark.createDataFrame(forbidden, f"{S.IMAGE_ID_A} string, {S.IMAGE_ID_B} string")
     pairs = pairs.join(banned, [S.IMAGE_ID_A, S.IMAGE_ID_B], "left_anti")
@@ -165,6 +239,9 @@ def dedup(spark: SparkSession, config: Config) -> dict:
 
     The pairs table is what the model found (above the threshold); the groups apply the
     person's decisions on top (``dedup.not_duplicates``, ``dedup.keep``, ``dedup.keep_folders``).
+    With calibrated scores each image's kNN list (others, best first) is also written to
+    ``neighbors/<tag>/`` for the incremental dedup's state (:mod:`pipeline.stages.incremental`):
+    the lists the levels come from, without a second search.
     """
     from pyspark import StorageLevel
 
@@ -173,16 +250,56 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     d = config.dedup
     neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
     metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
-    threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
-    # Every kNN candidate pair, kept for the similarity histogram of the report (where the
-    # threshold falls in the distribution), then thresholded into the pairs table.
-    candidates = pairs_from_neighbors(neighbors, -1.0).persist(StorageLevel.MEMORY_AND_DISK)
+    calibrated = uses_calibration(config)
+    meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
+    neighbors = neighbors.persist(StorageLevel.MEMORY_AND_DISK)
+    # Every kNN candidate pair, kept for the histogram of the report (where the threshold falls
+    # in the distribution), then thresholded into the pairs table.
+    candidates = pairs_from_neighbors(neighbors, -1.0)
     try:
-        histogram = similarity_histogram(candidates)
-        tables.write_table(candidates.where(F.col(S.SIMILARITY) >= threshold), workdir.pairs(method),
-                           metadata={"threshold": threshold, "metric": metric, "k": d.k, "histogram": histogram})
+        if calibrated:
+            calibration = load_calibration(config)
+            threshold = d.threshold
+            candidates = score_pairs(candidates, neighbors, calibration).persist(StorageLevel.MEMORY_AND_DISK)
+            column = SCORE
+            meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
+                         "calibration_rank": calibration.rank,
+                         "cosine_histogram": similarity_histogram(candidates)})
+            if d.incremental != "never" and d.qe_k == 0:
+                tables.write_table(neighbour_lists(neighbors, d.k), workdir.neighbors(method),
+                                   metadata={"k": d.k})
+        else:
+            threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
+            candidates = candidates.withColumn(SCORE, F.lit(None).cast("float")).persist(StorageLevel.MEMORY_AND_DISK)
+            column = S.SIMILARITY
+        meta.update({"threshold": threshold, "histogram": similarity_histogram(candidates, column)})
+        tables.write_table(candidates.where(F.col(column) >= threshold), workdir.pairs(method), metadata=meta)
     finally:
         candidates.unpersist()
+        neighbors.unpersist()
+    counts = write_groups(spark, config, threshold, meta["score"])
+    log.info("dedup %s at %s threshold %.3f: %s", method, meta["score"], threshold, counts)
+    return counts
+
+
+KNN_IDS, KNN_SIMS = "knn_ids", "knn_sims"
+
+
+def neighbour_lists(neighbors: DataFrame, k: int) -> DataFrame:
+    """Per query: its other neighbours (self excluded), best first, at most ``k``: the lists
+    :func:`neighbour_levels` reads the levels from."""
+    entry = F.struct(F.col(S.RANK), F.col(S.NEIGHBOR_ID).alias("n"), F.col(S.SIMILARITY).alias("s"))
+    listed = (neighbors.where(F.col(S.QUERY_ID) != F.col(S.NEIGHBOR_ID)).groupBy(S.QUERY_ID)
+              .agg(F.slice(F.sort_array(F.collect_list(entry)), 1, int(k)).alias("l")))
+    return listed.select(F.col(S.QUERY_ID).alias(S.IMAGE_ID), F.col("l.n").alias(KNN_IDS),
+                         F.col("l.s").alias(KNN_SIMS))
+
+
+def write_groups(spark: SparkSession, config: Config, threshold: float, score: str) -> dict:
+    """The groups table from the committed pairs table (full and incremental dedup); returns counts."""
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    d = config.dedup
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
     scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
@@ -202,7 +319,7 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         groups = groups_with_keep(components, images, d.keep, d.keep_folders)
         tables.write_table(groups, workdir.groups(method),
                            metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
-                                     "not_duplicates": d.not_duplicates, "threshold": threshold})
+                                     "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
     finally:
         tables.remove(spark, scratch)
     groups = tables.read_table(spark, workdir.groups(method), "groups table")
@@ -215,5 +332,4 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})
-    log.info("dedup %s at threshold %.3f: %s", method, threshold, counts)
     return counts

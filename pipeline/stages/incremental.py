@@ -14,11 +14,19 @@ touching D are recomputed exactly against every image (one scan of the state tab
 others are kept; the groups (components, "not duplicates", keep) are recomputed from the
 pairs, which is linear in the pairs and exact whatever merged.
 
-The result is identical to a full rebuild (the test checks it on real images) when the full
-dedup itself is exact and not truncated by ``dedup.k``: the index is exact (flat), and no image
-has ``dedup.k`` or more partners (checked before and after; then each kNN list holds every
-partner above the threshold). Otherwise, and for query expansion, binary hashes, changed or
-deleted images, or changed settings, the full path runs and the log says why.
+With calibrated scores (``dedup.score=calibrated``, the default) a pair's score also depends on
+both images' levels, read from their kNN lists, which new images change:
+:mod:`pipeline.stages.incremental_knn` keeps every list and level in the state, updates them
+exactly, and re-scores the images whose level moved as well as D.
+
+The result is identical to a full rebuild (the test checks it on real images, with both scores)
+when the full dedup itself is exact and not truncated by ``dedup.k``: the index is exact (flat),
+and (cosine) no image has ``dedup.k`` or more partners (checked before and after; then each kNN
+list holds every partner above the threshold), (calibrated) no pair outside the kNN lists could
+reach the threshold (the bound of :mod:`pipeline.stages.incremental_knn`, checked on the full
+dedup's lists and on every list an update changes). Otherwise, and for query expansion, binary
+hashes, changed or deleted images, or changed settings (threshold, score kind and calibration
+artifact included), the full path runs and the log says why.
 """
 from __future__ import annotations
 
@@ -35,10 +43,10 @@ from pyspark.sql import functions as F
 from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import faiss_index, matching, storage
-from pipeline.core import grouping as G
 from pipeline.encoders import registry
 from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
+from pipeline.stages import incremental_knn as knn
 from pipeline.stages import index as ix
 from pipeline.stages import progress, rerank, steps, tables, tracking
 from pipeline.stages.search import search_neighbors
@@ -46,9 +54,7 @@ from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-# Up to this many pairs the groups' components are computed on the driver (union-find).
-DRIVER_COMPONENTS_MAX = 2_000_000
+STATE_VERSION = 2
 AUG, DBA_IDS, DBA_SIMS = "aug", "dba_ids", "dba_sims"
 
 
@@ -65,11 +71,14 @@ def dba_on(config: Config) -> bool:
 
 
 def fingerprint(config: Config, threshold: float) -> dict:
-    """What the state (and the pairs it goes with) depends on besides the images."""
+    """What the state (and the pairs it goes with) depends on besides the images: a changed
+    threshold, score kind or calibration artifact means the full path."""
     d = config.dedup
+    calibrated = dd.uses_calibration(config)
     return {"version": STATE_VERSION, "embed": em.model_fingerprint(config), "threshold": float(threshold),
             "k": d.k, "dba_k": d.dba_k if dba_on(config) else 0, "dba_alpha": float(d.dba_alpha),
-            "rotations": rotations_of(config)}
+            "rotations": rotations_of(config), "score": "calibrated" if calibrated else "cosine",
+            "calibration": dd.load_calibration(config).version if calibrated else None}
 
 
 def _ids_digest(frame: DataFrame, column: str = S.IMAGE_ID) -> list[int]:
@@ -83,11 +92,6 @@ def _ok_embeddings(spark: SparkSession, config: Config) -> DataFrame:
             .select(S.IMAGE_ID, S.CONTENT_SHA256, S.EMBEDDING))
 
 
-def _stack(values) -> np.ndarray:
-    values = list(values)
-    return np.stack(values).astype(np.float32) if values else np.zeros((0, 0), np.float32)
-
-
 def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict[str, Any]:
     """The index + dedup steps of a job: incremental when :func:`plan` allows, else the full path.
 
@@ -99,11 +103,11 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
         metrics: dict[str, Any] = {}
         with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
             counts = update(spark, config, todo)
-        if counts is not None:
+        if not isinstance(counts, str):
             metrics.update(counts)
             tracking.log_metrics(metrics)
             return metrics
-        why = "an image would have dedup.k or more partners"
+        why = counts
     log.info("full dedup: %s", why)
     metrics = steps.index_step(spark, config) if rebuild_index else {}
     metrics.update(steps.dedup_step(spark, config))
@@ -122,7 +126,7 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
 def _augment_groups(alpha: float):
     def run(pdf: pd.DataFrame) -> pd.DataFrame:
         pdf = pdf.sort_values([S.SIMILARITY, S.NEIGHBOR_ID], ascending=[False, True])
-        vectors = _stack(pdf["vector"])[None]
+        vectors = knn.stack(pdf["vector"])[None]
         sims = pdf[S.SIMILARITY].to_numpy(np.float32)
         aug = matching.augment(vectors, sims[None], alpha)[0]
         return pd.DataFrame({S.IMAGE_ID: [pdf[S.QUERY_ID].iloc[0]], AUG: [aug],
@@ -159,6 +163,9 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
         state = state.join(rotated, S.IMAGE_ID, "left")
     index = ix.IndexInfo.load(workdir.index_dir(method))
     meta = {**fingerprint(config, threshold), "index_build_id": index.meta.get("build_id"), "count": index.meta["count"]}
+    if dd.uses_calibration(config):
+        state, meta["unlisted_risk"] = knn.with_lists(spark, config, state, int(index.meta["count"]),
+                                                      dd.load_calibration(config), threshold)
     tables.write_table(state, workdir.incremental(method), metadata=meta)
 
 
@@ -206,7 +213,11 @@ def plan(spark: SparkSession, config: Config) -> tuple[dict | None, str]:
     n_new = new.count()
     if n_new > d.incremental_max_new:
         return None, f"{n_new} new images > dedup.incremental_max_new={d.incremental_max_new}"
-    if max_degree(tables.read_table(spark, workdir.pairs(method), "pairs table")) >= d.k:
+    if dd.uses_calibration(config):
+        if state_meta.get("unlisted_risk", 1):
+            return None, (f"{state_meta.get('unlisted_risk')} image(s) could have a pair outside their dedup.k={d.k} "
+                          "nearest neighbours at or above the threshold")
+    elif max_degree(tables.read_table(spark, workdir.pairs(method), "pairs table")) >= d.k:
         return None, f"an image has dedup.k={d.k} or more partners: its kNN list was truncated"
     return {"new": n_new, "threshold": float(threshold), "index": index}, ""
 
@@ -226,7 +237,7 @@ def _dba_scan(new_ids: list[str], new_vectors: np.ndarray, dba_k: int):
         for pdf in batches:
             if not len(pdf):
                 continue
-            sims = _stack(pdf[S.EMBEDDING]) @ new_vectors.T
+            sims = knn.stack(pdf[S.EMBEDDING]) @ new_vectors.T
             rows = []
             for i, (image_id, old_ids, old_sims) in enumerate(zip(pdf[S.IMAGE_ID], pdf[DBA_IDS], pdf[DBA_SIMS])):
                 old_ids = np.asarray(list(old_ids), dtype=object)
@@ -253,11 +264,11 @@ def _pair_scan(d_ids: list[str], d_variants: np.ndarray, d_aug: np.ndarray, rot_
         for pdf in batches:
             if not len(pdf):
                 continue
-            aug = _stack(pdf[AUG])
+            aug = knn.stack(pdf[AUG])
             for i, y in enumerate(pdf[S.IMAGE_ID]):
                 if y in index_of:
                     aug[i] = d_aug[index_of[y]]
-            variants = _variants(aug, [pdf[c] for c in rot_cols])
+            variants = knn.variants_of(aug, [pdf[c] for c in rot_cols])
             scores = matching.pair_scores(d_variants, d_aug, variants, aug)
             xs, ys = np.nonzero(scores >= threshold)
             yids = pdf[S.IMAGE_ID].to_numpy()
@@ -268,16 +279,8 @@ def _pair_scan(d_ids: list[str], d_variants: np.ndarray, d_aug: np.ndarray, rot_
     return scan
 
 
-def _variants(aug: np.ndarray, rotated: list) -> np.ndarray:
-    """(n, 1 + rotations, d): the augmented vector, then each rotated embedding (a missing one: aug again)."""
-    parts = [aug]
-    for column in rotated:
-        parts.append(np.stack([aug[i] if v is None else np.asarray(v, np.float32) for i, v in enumerate(column)]))
-    return np.stack(parts, axis=1)
-
-
-def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | None:
-    """Add the new images (index, pairs, groups, state); None when the result would need the full path."""
+def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | str:
+    """Add the new images (index, pairs, groups, state); a reason (str) when the result needs the full path."""
     started = time.perf_counter()
     config = registry.encoder_for(config).search_config()
     d = config.dedup
@@ -291,7 +294,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
     new_rows = sorted(emb.join(state.select(S.IMAGE_ID), S.IMAGE_ID, "left_anti").collect(), key=lambda r: r[S.IMAGE_ID])
     new_ids = [r[S.IMAGE_ID] for r in new_rows]
     dim = todo["index"].meta["dimension"]
-    vn = _stack(r[S.EMBEDDING] for r in new_rows) if new_rows else np.zeros((0, dim), np.float32)
+    vn = knn.stack(r[S.EMBEDDING] for r in new_rows) if new_rows else np.zeros((0, dim), np.float32)
 
     # 1. DBA lists: old images that gain a new neighbour, and the new images' own lists.
     lists: dict[str, tuple[list, list]] = {}
@@ -314,7 +317,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
             lists[n] = ([c[1] for c in best], [c[0] for c in best])
     d_ids = sorted(set(new_ids) | set(lists))
     if not d_ids:  # nothing new: the pairs stand; the groups follow the current decisions
-        counts = write_groups(spark, config, threshold)
+        counts = dd.write_groups(spark, config, threshold, storage.read_metadata(workdir.pairs(method)).get("score", "cosine"))
         counts.update({"dedup_incremental": 1, "incremental_new_images": 0, "incremental_rescored_images": 0,
                        "incremental_seconds": time.perf_counter() - started})
         return counts
@@ -336,9 +339,72 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
     rotated_new = em.embed_rotated(spark, config, new_ids, rot)
     new_set = set(new_ids)
     d_rot = [[rotated_new[r].get(x) if x in new_set else old_state[x][rot_column(r)] for x in d_ids] for r in rot]
-    d_variants = _variants(d_aug, d_rot)
+    d_variants = knn.variants_of(d_aug, d_rot)
 
-    # 3. Pairs touching D: against every old image (Spark scan), and against the new ones (here).
+    # 3. Pairs touching D (calibrated: and images whose level changed), exact, against everything.
+    calibrated = dd.uses_calibration(config)
+    knn_lists: dict = {}
+    if calibrated:
+        calibration = dd.load_calibration(config)
+        updated = knn.update_lists(state, calibration, threshold, d.k, d.incremental_max_new, d_ids, d_aug,
+                                   d_variants, new_ids, rot_cols)
+        if isinstance(updated, str):
+            return updated
+        knn_lists, old_level, recomputed = updated
+        x_ids, best = knn.rescore_pairs(spark, state, calibration, threshold, knn_lists, old_level, d_ids, d_aug,
+                                        d_variants, new_ids, rot_cols)
+        extra = {"incremental_lists_changed": len(knn_lists) - len(d_ids), "incremental_lists_recomputed": recomputed,
+                 "incremental_levels_changed": len(x_ids) - len(d_ids)}
+    else:
+        extra = {}
+        x_ids, best = d_ids, _cosine_pairs(state, d_ids, d_variants, d_aug, new_ids, rot_cols, threshold)
+    touched = spark.createDataFrame([(x,) for x in x_ids], "x string")
+    old_pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
+    kept = old_pairs
+    for column in (S.IMAGE_ID_A, S.IMAGE_ID_B):
+        kept = kept.join(F.broadcast(touched), F.col(column) == F.col("x"), "left_anti")
+    fresh = spark.createDataFrame([(a, b, *v) for (a, b), v in sorted(best.items())],
+                                  f"{S.IMAGE_ID_A} string, {S.IMAGE_ID_B} string, {S.SIMILARITY} float, {dd.SCORE} float")
+    pairs = kept.select(*old_pairs.columns).unionByName(fresh.select(*old_pairs.columns)).localCheckpoint()
+    if not calibrated and max_degree(pairs) >= d.k:
+        return f"an image would have dedup.k={d.k} or more partners"
+
+    # 4. Commit: pairs, groups, the index with the new vectors, then the state (the marker of it all).
+    pairs_meta = storage.read_metadata(workdir.pairs(method))
+    pairs_meta["incremental"] = {"new_images": len(new_ids), "rescored_images": len(x_ids),
+                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tables.write_table(pairs, workdir.pairs(method), metadata=pairs_meta)
+    counts = dd.write_groups(spark, config, threshold, pairs_meta.get("score", "cosine"))
+    info = append_to_index(config, todo["index"], new_ids, vn)
+    sha = {**{x: r[S.CONTENT_SHA256] for x, r in old_state.items()}, **{r[S.IMAGE_ID]: r[S.CONTENT_SHA256] for r in new_rows}}
+    d_rows = [(x, sha[x], d_aug[i].tolist(),
+               [str(m) for m in lists[x][0]] if x in lists else list(old_state[x][DBA_IDS] or []),
+               [float(v) for v in lists[x][1]] if x in lists else list(old_state[x][DBA_SIMS] or []),
+               *[None if v is None else [float(f) for f in v] for v in (d_rot[j][i] for j in range(len(rot)))],
+               *(knn_lists[x] if calibrated else ()))
+              for i, x in enumerate(d_ids)]
+    state_rows = spark.createDataFrame(d_rows, state.schema)
+    d_frame = spark.createDataFrame([(x,) for x in d_ids], "x string")
+    new_state = state.join(F.broadcast(d_frame), F.col(S.IMAGE_ID) == F.col("x"), "left_anti").select(*state.columns)
+    changed = knn.state_update(spark, knn_lists, d_ids) if calibrated else None
+    if changed is not None:  # other images' kNN lists that took in a re-scored image
+        renamed = changed.select(F.col(S.IMAGE_ID).alias("_id"), *[F.col(c).alias(f"_{c}") for c in knn.KNN_COLUMNS])
+        new_state = new_state.join(F.broadcast(renamed), F.col(S.IMAGE_ID) == F.col("_id"), "left").select(
+            *[F.when(F.col("_id").isNotNull(), F.col(f"_{c}")).otherwise(F.col(c)).alias(c)
+              if c in knn.KNN_COLUMNS else F.col(c) for c in state.columns])
+    meta = {**storage.read_metadata(workdir.incremental(method)), "index_build_id": info.meta["build_id"],
+            "count": info.meta["count"]}
+    tables.write_table(new_state.unionByName(state_rows).localCheckpoint(), workdir.incremental(method), metadata=meta)
+    counts.update({"dedup_incremental": 1, "incremental_new_images": len(new_ids),
+                   "incremental_rescored_images": len(x_ids), **extra,
+                   "incremental_seconds": time.perf_counter() - started})
+    log.info("incremental dedup: %d new images, %d re-scored: %s", len(new_ids), len(x_ids), counts)
+    return counts
+
+
+def _cosine_pairs(state: DataFrame, d_ids: list[str], d_variants: np.ndarray, d_aug: np.ndarray, new_ids: list[str],
+                  rot_cols: list[str], threshold: float) -> dict:
+    """``{(a, b): (similarity, None)}``: pairs touching D at or above a cosine threshold."""
     found = (state.select(S.IMAGE_ID, AUG, *rot_cols)
              .mapInPandas(_pair_scan(d_ids, d_variants, d_aug, rot_cols, threshold),
                           schema=f"x string, y string, {S.SIMILARITY} float").collect())
@@ -353,42 +419,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
     for x, y, s in rows:
         key = (min(x, y), max(x, y))
         best[key] = max(best.get(key, -2.0), s)
-    touched = spark.createDataFrame([(x,) for x in d_ids], "x string") if d_ids else None
-    old_pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
-    kept = old_pairs
-    if touched is not None:
-        for column in (S.IMAGE_ID_A, S.IMAGE_ID_B):
-            kept = kept.join(F.broadcast(touched), F.col(column) == F.col("x"), "left_anti")
-    fresh = spark.createDataFrame([(a, b, s) for (a, b), s in sorted(best.items())], old_pairs.schema)
-    pairs = kept.select(*old_pairs.columns).unionByName(fresh).localCheckpoint()
-    if max_degree(pairs) >= d.k:
-        log.info("incremental dedup: an image now has dedup.k=%d or more partners: full dedup instead", d.k)
-        return None
-
-    # 4. Commit: pairs, groups, the index with the new vectors, then the state (the marker of it all).
-    pairs_meta = storage.read_metadata(workdir.pairs(method))
-    pairs_meta["incremental"] = {"new_images": len(new_ids), "rescored_images": len(d_ids),
-                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tables.write_table(pairs, workdir.pairs(method), metadata=pairs_meta)
-    counts = write_groups(spark, config, threshold)
-    info = append_to_index(config, todo["index"], new_ids, vn)
-    sha = {**{x: r[S.CONTENT_SHA256] for x, r in old_state.items()}, **{r[S.IMAGE_ID]: r[S.CONTENT_SHA256] for r in new_rows}}
-    d_rows = [(x, sha[x], d_aug[i].tolist(),
-               [str(m) for m in lists[x][0]] if x in lists else list(old_state[x][DBA_IDS] or []),
-               [float(v) for v in lists[x][1]] if x in lists else list(old_state[x][DBA_SIMS] or []),
-               *[None if v is None else [float(f) for f in v] for v in (d_rot[j][i] for j in range(len(rot)))])
-              for i, x in enumerate(d_ids)]
-    state_rows = spark.createDataFrame(d_rows, state.schema)
-    new_state = state.join(F.broadcast(touched), F.col(S.IMAGE_ID) == F.col("x"), "left_anti") if touched is not None else state
-    meta = {**storage.read_metadata(workdir.incremental(method)), "index_build_id": info.meta["build_id"],
-            "count": info.meta["count"]}
-    tables.write_table(new_state.select(*state.columns).unionByName(state_rows).localCheckpoint(),
-                       workdir.incremental(method), metadata=meta)
-    counts.update({"dedup_incremental": 1, "incremental_new_images": len(new_ids),
-                   "incremental_rescored_images": len(d_ids),
-                   "incremental_seconds": time.perf_counter() - started})
-    log.info("incremental dedup: %d new images, %d re-scored: %s", len(new_ids), len(d_ids), counts)
-    return counts
+    return {key: (s, None) for key, s in best.items()}
 
 
 def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors: np.ndarray) -> ix.IndexInfo:
@@ -434,38 +465,3 @@ def _drop_orphan_parts(index_dir: str, committed: list[str]) -> None:
         if name.startswith("part-appended-") and name[len("part-appended-"):].split(".")[0] not in committed:
             log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
             fs.delete_file(entry.path)
-
-
-def write_groups(spark: SparkSession, config: Config, threshold: float) -> dict[str, Any]:
-    """Groups from the committed pairs table, as :func:`pipeline.stages.dedup.dedup` makes them."""
-    workdir = storage.Workdir.of(config.workdir)
-    method = config.embed.backbone
-    d = config.dedup
-    pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
-    images = tables.read_table(spark, workdir.images, "image table")
-    scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
-    try:
-        declared = dd.read_not_duplicates(d.not_duplicates) if d.not_duplicates else []
-        forbidden, unmatched = dd.resolve_not_duplicates(spark, declared, images)
-        n_pairs = pairs.count()
-        if not forbidden and n_pairs <= DRIVER_COMPONENTS_MAX:
-            # Few edges: union-find here (the oracle the Spark components are tested against)
-            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
-            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
-            components = spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string")
-            split = 0
-        else:
-            components, split = dd.components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
-        groups = dd.groups_with_keep(components, images, d.keep, d.keep_folders)
-        tables.write_table(groups, workdir.groups(method),
-                           metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
-                                     "not_duplicates": d.not_duplicates, "threshold": threshold})
-    finally:
-        tables.remove(spark, scratch)
-    groups = tables.read_table(spark, workdir.groups(method), "groups table")
-    counts = {"pairs": pairs.count(), "groups": groups.select(S.GROUP_ID).distinct().count(),
-              "images_in_groups": groups.count(), "images_to_remove": groups.where(~F.col(S.KEEP)).count()}
-    if d.not_duplicates:
-        counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
-                       "groups_split_by_not_duplicates": split})
-    return counts

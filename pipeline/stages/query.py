@@ -20,6 +20,7 @@ from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import matching, storage
 from pipeline.encoders import registry
+from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
 from pipeline.stages import ingest as ing
 from pipeline.stages import tables
@@ -28,7 +29,7 @@ from pipeline.stages.search import search_neighbors
 log = logging.getLogger(__name__)
 
 MATCHES_SCHEMA = ("query_path string, query_status string, query_error string, image_id string, path string, "
-                  "similarity float, rank int")
+                  "similarity float, score float, rank int")
 _ROLE = "role"
 
 
@@ -94,12 +95,17 @@ def query_spark(spark: SparkSession, config: Config) -> DataFrame:
         part = search_neighbors(spark, plain, d.k, queries=_as_queries(v).localCheckpoint())
         found = part if found is None else found.unionByName(part)
     best = found.groupBy(S.QUERY_ID, S.NEIGHBOR_ID).agg(F.max(S.SIMILARITY).alias(S.SIMILARITY))
-    order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
-    best = (best.where(F.col(S.SIMILARITY) >= d.threshold).withColumn(S.RANK, F.row_number().over(order) - 1)
-            .where(F.col(S.RANK) < d.k))
+    if dd.uses_calibration(config):
+        best = calibrated(spark, config, best)
+        order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(dd.SCORE), F.col(S.NEIGHBOR_ID))
+    else:
+        best = best.where(F.col(S.SIMILARITY) >= d.threshold).withColumn(dd.SCORE, F.lit(None).cast("float"))
+        order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
+    best = best.withColumn(S.RANK, F.row_number().over(order) - 1).where(F.col(S.RANK) < d.k)
     archive = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table") \
         if tables.is_committed(spark, storage.Workdir.of(config.workdir).images) else None
-    matched = best.select(F.col(S.QUERY_ID).alias("qid"), F.col(S.NEIGHBOR_ID).alias(S.IMAGE_ID), S.SIMILARITY, S.RANK)
+    matched = best.select(F.col(S.QUERY_ID).alias("qid"), F.col(S.NEIGHBOR_ID).alias(S.IMAGE_ID), S.SIMILARITY,
+                          dd.SCORE, S.RANK)
     if archive is not None:
         matched = matched.join(archive.select(S.IMAGE_ID, S.PATH), S.IMAGE_ID, "left")
     else:
@@ -113,4 +119,26 @@ def query_spark(spark: SparkSession, config: Config) -> DataFrame:
     error = F.coalesce(F.col("embed_error"), F.col(S.ERROR))
     return (files.join(matched, "qid", "left")
             .select("query_path", status.alias("query_status"), error.alias("query_error"), S.IMAGE_ID, S.PATH,
-                    F.col(S.SIMILARITY).cast("float").alias(S.SIMILARITY), F.col(S.RANK).cast("int").alias(S.RANK)))
+                    F.col(S.SIMILARITY).cast("float").alias(S.SIMILARITY), F.col(dd.SCORE).cast("float").alias(dd.SCORE),
+                    F.col(S.RANK).cast("int").alias(S.RANK)))
+
+
+def calibrated(spark: SparkSession, config: Config, best: DataFrame) -> DataFrame:
+    """Each query's top ``dedup.k`` by similarity with its calibrated score, those at or above the
+    threshold (:func:`pipeline.querylight.calibrated_matches` in Spark)."""
+    d = config.dedup
+    calibration = dd.load_calibration(config)
+    uri = storage.Workdir.of(config.workdir).incremental(config.embed.backbone)
+    if not tables.is_committed(spark, uri) or storage.read_metadata(uri).get("calibration") != calibration.version:
+        raise ValueError(f"dedup.score=calibrated: the last dedup's state at {uri} has no levels for calibration "
+                         f"{calibration.version} (run dedup with these settings, or query with dedup.score=cosine)")
+    by_sim = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.NEIGHBOR_ID))
+    top = (best.withColumn("_pos", F.row_number().over(by_sim)).where(F.col("_pos") <= d.k)
+           .withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy(S.QUERY_ID))).localCheckpoint())
+    level_q = (top.where(F.col("_pos") == F.least(F.lit(calibration.rank), F.col("_n")))
+               .select(F.col(S.QUERY_ID).alias("_q"), F.col(S.SIMILARITY).cast("double").alias("_lq")))
+    level_y = tables.read_table(spark, uri, "incremental state").select(F.col(S.IMAGE_ID).alias("_y"),
+                                                                         F.col(dd.LEVEL).alias("_ly"))
+    scored = (top.join(level_q, F.col(S.QUERY_ID) == F.col("_q")).join(level_y, F.col(S.NEIGHBOR_ID) == F.col("_y"), "left")
+              .withColumn(dd.SCORE, dd.probability(calibration, F.col(S.SIMILARITY), F.col("_lq"), F.col("_ly"))))
+    return scored.where(F.col(dd.SCORE) >= d.threshold).select(S.QUERY_ID, S.NEIGHBOR_ID, S.SIMILARITY, dd.SCORE)

@@ -129,7 +129,7 @@ def test_pagination_and_sorting_links(browser, report):
     seen = []
     while True:
         seen += [float(s) for s in page.locator("section.group").evaluate_all(
-            "els => els.map(e => e.dataset.minSimilarity)")]
+            "els => els.map(e => e.dataset.doubt)")]
         nxt = page.locator("nav.pager >> nth=0 >> a.next")
         if nxt.count() == 0:
             break

@@ -55,3 +55,49 @@ def test_light_query_column_names_match_the_schemas():
 
     for name in ("STATUS_OK", "STATUS_ERROR", "IMAGE_ID", "PATH", "EMBEDDING", "FAISS_ID"):
         assert getattr(querylight.S, name) == getattr(schemas, name)
+
+
+def test_merged_lists_tell_the_levels_a_fresh_search_finds():
+    """Lists updated by merge_list after some images changed (calibrated incremental dedup) against
+    lists computed from scratch: a level they report is the true one, the bound covers every
+    unlisted image, and some levels cannot be told (those are recomputed)."""
+    rng = np.random.default_rng(1)
+    n, k, rank = 60, 8, 6
+    x = _data(n=n, d=8, seed=3)
+
+    def exact(vectors):
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        order = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -sims), axis=1)
+        return sims, order
+
+    sims, order = exact(x)
+    lists = {z: ([int(c) for c in order[z, :k]], [float(sims[z, c]) for c in order[z, :k]], float(sims[z, order[z, k - 1]]))
+             for z in range(n)}
+    changed = set(rng.choice(n, 30, replace=False).tolist())
+    y = x.copy()
+    y[list(changed)] = l2_normalize(y[list(changed)] + 2.0 * rng.standard_normal((30, 8)).astype(np.float32))
+    new_sims, new_order = exact(y)
+    told = unknown = 0
+    for z in set(range(n)) - changed:
+        ds = sorted(changed, key=lambda c: (-new_sims[z, c], c))[:k + 1]
+        ids, vals, bound = matching.merge_list(*lists[z], changed, ds, [new_sims[z, c] for c in ds], k)
+        level = matching.list_level(vals, bound, rank)
+        truth = new_sims[z, new_order[z, rank - 1]]
+        assert all(new_sims[z, c] <= bound + 1e-6 for c in set(range(n)) - set(ids) - {z})
+        assert matching.outside_bound(vals, bound, k) >= new_sims[z, new_order[z, k - 1]] - 1e-6
+        if level is None:
+            unknown += 1
+        else:
+            told += 1
+            assert abs(level - truth) < 1e-6
+    assert told > 10 and unknown > 0
+
+
+def test_small_collections_list_everything():
+    assert matching.list_level([0.9, 0.5], matching.NO_BOUND, 10) == 0.5
+    assert matching.list_level([], matching.NO_BOUND, 10) == -1.0
+    assert matching.list_level([0.9, 0.5], 0.4, 10) is None
+    assert matching.outside_bound([0.9, 0.5], matching.NO_BOUND, 2) is None
+    ids, sims, bound = matching.merge_list(["a", "b"], [0.9, 0.5], matching.NO_BOUND, {"b"}, ["b", "c"], [0.7, 0.2], 2)
+    assert (ids, sims, bound) == (["a", "b"], [0.9, 0.7], 0.2)

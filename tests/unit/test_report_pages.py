@@ -80,3 +80,22 @@ def test_report_never_replaces_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(ConfigError, match="holds other files"):
         build_report(None, config, str(precious))  # refused before any Spark work
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_doubtful_first_follows_the_calibrated_score():
+    """Issue 11: with calibrated scores the doubt order is theirs, not the raw cosine's (a crowded
+    neighbourhood makes a high cosine doubtful)."""
+    rows = []
+    for g, (sim, score) in enumerate([(0.95, 0.20), (0.90, 0.99), (0.93, 0.60)]):
+        rows += [{"group_id": f"g{g}", "image_id": f"g{g}-0", "keep": True, "path": f"/a/{g}-0.jpg", "width": 1,
+                  "height": 1, "size_bytes": 1, "format": "JPEG", "similarity": 1.0, "similarity_source": "pair"},
+                 {"group_id": f"g{g}", "image_id": f"g{g}-1", "keep": False, "path": f"/a/{g}-1.jpg", "width": 1,
+                  "height": 1, "size_bytes": 1, "format": "JPEG", "similarity": sim, "similarity_source": "pair",
+                  "score": score}]
+    groups = P.build_groups(rows)
+    assert [g.group_id for g in P.order_groups(groups, "doubt")] == ["g0", "g2", "g1"]
+    assert [g.min_score for g in groups] == [0.20, 0.99, 0.60]
+    # Without scores (dedup.score=cosine) the order is the cosine's, as before.
+    plain = P.build_groups([{k: v for k, v in r.items() if k != "score"} for r in rows])
+    assert [g.min_score for g in plain] == [None, None, None]
+    assert [g.group_id for g in P.order_groups(plain, "doubt")] == ["g1", "g2", "g0"]
