@@ -89,6 +89,15 @@ def test_holidays_map(spark, tmp_path):
     _check_pairs(mlflow.tracking.MlflowClient(config.tracking_uri()), result, precision=0.95, recall=0.55)
 
 
+def test_holidays_pairs_at_the_default_settings(spark, tmp_path):
+    """Issue 11's operating point where it is hardest: holiday photos, the default settings (no
+    centring), the raw-space model fitted on ukbench-dev only: precision >= 0.95, recall >= 0.6."""
+    _, result = _evaluate(tmp_path, "holidays", "holidays-dev", dedup__calibration=_crossfit("raw", "holidays-dev"))
+    assert result["images"] == 398
+    _check_pairs(mlflow.tracking.MlflowClient(make_config(tmp_path / "work").tracking_uri()), result,
+                 precision=0.95, recall=0.6)
+
+
 def test_mixed_collection_pairs(spark, tmp_path):
     """Both datasets searched as ONE collection, default settings (no centring, the shipped
     calibration), ground truth merged: the default threshold keeps its precision."""
