@@ -196,7 +196,8 @@ def run_monitored(cmd: list[str], log_path: Path, timeout: float) -> dict:
         sampler.halt.set()
         sampler.join()
     result = {"command": cmd, "ok": rc == 0 and not timed_out, "returncode": rc, "timed_out": timed_out,
-              "wall_s": round(time.perf_counter() - started, 2), "log": str(log_path), **sampler.report()}
+              "wall_s": round(time.perf_counter() - started, 2), "log": str(log_path),
+              "loadavg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()], **sampler.report()}
     if not result["ok"]:
         result["error"] = error_summary(log_path, timed_out, timeout)
     return result
@@ -454,7 +455,8 @@ def groups_summary(workdir: Path) -> dict | None:
 def index_meta(workdir: Path) -> dict | None:
     for path in sorted(workdir.glob("index/*/index.json")):
         meta = json.loads(path.read_text())
-        return {k: meta.get(k) for k in ("type", "factory", "count", "dimension", "build_seconds", "trained")} | \
+        return {k: meta.get(k) for k in ("type", "factory", "count", "dimension", "build_seconds", "trained",
+                                         "timings", "units")} | \
             {"shards": len(meta.get("shards", []))}
     return None
 
@@ -617,6 +619,18 @@ def markdown_table(result: dict) -> str:
             cell(a.get("ours", {}).get("precision"), "{:.3f}"), cell(o["peak_driver_mib"], "{:.0f} MiB"),
             cell(o["peak_workers_mib"], "{:.0f} MiB"),
             cell(p.get("peak_pss_mib", {}).get("total") if p.get("ok") else None, "{:.0f} MiB")]) + " |")
+    for r in result["sizes"]:
+        o, p = r["ours"], r.get("plain") or {}
+        timings = (o.get("index_meta") or {}).get("timings")
+        if timings:
+            lines.append(f"\n{r['rows']:,} rows, inside the index job: " + ", ".join(
+                f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in timings.items()) +
+                (f"; plain FAISS: train {p['train_s']:.0f} s, add {p['add_s']:.0f} s, search {p['search_s']:.0f} s"
+                 if p.get("ok") else "") + ".")
+    startup = result.get("startup") or {}
+    if startup:
+        lines.append("\nFixed costs (JSON `startup`): " + ", ".join(
+            f"{k.replace('_s', '').replace('_', ' ')} {v:.1f} s" for k, v in startup.items() if isinstance(v, (int, float))) + ".")
     return "\n".join(lines)
 
 
