@@ -630,7 +630,7 @@ def markdown_table(result: dict) -> str:
     startup = result.get("startup") or {}
     if startup:
         lines.append("\nFixed costs (JSON `startup`): " + ", ".join(
-            f"{k.replace('_s', '').replace('_', ' ')} {v:.1f} s" for k, v in startup.items() if isinstance(v, (int, float))) + ".")
+            f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in startup.items() if isinstance(v, (int, float))) + ".")
     return "\n".join(lines)
 
 
