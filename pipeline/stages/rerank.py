@@ -1,7 +1,8 @@
 """Re-ranking in Spark: database-side augmentation (DBA), alpha-query expansion, rotated queries.
 
-Derived tables and their index live under ``<workdir>/derived/<name>`` and are rebuilt when
-their inputs change.
+Rotated embedding tables live under ``<workdir>/derived/rot<deg>``, DBA's augmented vectors
+(fp16, one file per unit of the index) under ``<workdir>/derived/dba/<build>-k<k>-a<alpha>``;
+both are rebuilt when their inputs change.
 """
 from __future__ import annotations
 
