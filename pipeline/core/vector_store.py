@@ -222,14 +222,19 @@ def forget(prefix: str) -> None:
 
 
 # ----------------------------------------------------------------- stores
-def store_files(index_dir: str, shard: int) -> dict[str, str]:
-    base = f"{index_dir}/store/shard_{shard:05d}"
+def store_files(index_dir: str, shard: int, build_id: str) -> dict[str, str]:
+    """The store files of one shard of one index build.
+
+    The build id is in the path: workers cache memory maps by path, and a rebuilt index
+    replaces the folder under the same name.
+    """
+    base = f"{index_dir}/store/{build_id}/shard_{shard:05d}"
     return {name: f"{base}_{name}.npy" for name in ("vectors", "ids", "sorted_ids", "order")}
 
 
-def write_store(index_dir: str, shard: int, ids: np.ndarray, vectors: np.ndarray) -> None:
+def write_store(index_dir: str, shard: int, build_id: str, ids: np.ndarray, vectors: np.ndarray) -> None:
     """A shard's vectors (fp16, in unit order) and the lookup from FAISS id to position."""
-    files = store_files(index_dir, shard)
+    files = store_files(index_dir, shard, build_id)
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     if len(sorted_ids) > 1 and (np.diff(sorted_ids) == 0).any():
@@ -240,9 +245,9 @@ def write_store(index_dir: str, shard: int, ids: np.ndarray, vectors: np.ndarray
     save_array(files["order"], order.astype(np.int64))
 
 
-def positions(index_dir: str, shard: int, ids: np.ndarray) -> np.ndarray:
+def positions(index_dir: str, shard: int, build_id: str, ids: np.ndarray) -> np.ndarray:
     """Store positions of FAISS ids of one shard (-1 for -1 padding or unknown ids)."""
-    files = store_files(index_dir, shard)
+    files = store_files(index_dir, shard, build_id)
     sorted_ids, order = load_array(files["sorted_ids"]), load_array(files["order"])
     ids = np.asarray(ids, dtype=np.int64)
     at = np.searchsorted(sorted_ids, ids)

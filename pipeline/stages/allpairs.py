@@ -74,8 +74,8 @@ def _remove_children(parent: str) -> None:
 
 def raw_files(info: ix.IndexInfo) -> FilesOf:
     """The fp16 store of each shard, as the (first position, file) parts :func:`vs.gather` reads."""
-    path = info.path
-    return lambda shard: [(0, vs.store_files(path, shard)["vectors"])]
+    path, build_id = info.path, info.meta.get("build_id", info.meta["created_at"])
+    return lambda shard: [(0, vs.store_files(path, shard, build_id)["vectors"])]
 
 
 def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings, k: int, folder: str) -> Candidates:
@@ -110,7 +110,7 @@ def _searcher(index_path: str, build_id: str, settings: IndexSettings, units: li
                 index = faiss_index.load_shard(ix.shard_file(index_path, shard), build_id, settings)
                 sims, ids = faiss_index.search_shard(index, x, cands.k)
                 sims, ids = faiss_index.merge_topk([sims], [ids], cands.k)  # sorted, -1 padding last
-                pos = vs.positions(index_path, shard, ids)
+                pos = vs.positions(index_path, shard, build_id, ids)
                 _save_npz(cands.file(u, shard), ids=ids, pos=pos, sims=np.clip(sims, -1.0, 1.0).astype(np.float32))
                 yield pd.DataFrame({"unit": [u], "shard": [shard], "rows": [len(x)]})
 

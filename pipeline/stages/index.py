@@ -6,7 +6,7 @@ Layout of ``<workdir>/index/<tag>/``::
     units.json            the table's units (row-group slices), their shard and store offset
     trained.faiss         the shared trained (empty) index, for types that need training
     shards/shard_00000.faiss ...
-    store/shard_00000_{vectors,ids,sorted_ids,order}.npy   fp16 vectors by FAISS id (re-scoring, DBA)
+    store/<build>/shard_00000_{vectors,ids,sorted_ids,order}.npy   fp16 vectors by FAISS id (DBA)
     idmap/                Parquet: faiss_id -> image_id, shard
 
 ``index.type: auto`` picks the index from the number of vectors and ``index.max_memory``
@@ -174,6 +174,8 @@ def load_units(info: IndexInfo) -> list[vs.Unit]:
 def _shard_builder(staging: str, description: str, dim: int, trained_path: str | None, units: list[dict],
                    threads: int):
     """Build, store and write each shard of this partition's ids (one shard per task)."""
+    build_id = staging.rsplit(".staging-", 1)[-1]  # as index.json records it
+
     def build(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         faiss_index.set_threads(threads)
         for batch in batches:
@@ -191,7 +193,7 @@ def _shard_builder(staging: str, description: str, dim: int, trained_path: str |
                     ids.append(fids)
                     vectors.append(x.astype(np.float16))
                 fids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-                vs.write_store(staging, shard, fids, np.concatenate(vectors) if vectors
+                vs.write_store(staging, shard, build_id, fids, np.concatenate(vectors) if vectors
                                else np.zeros((0, dim), np.float16))
                 del vectors
                 faiss_index.write_index(shard_file(staging, shard), index)

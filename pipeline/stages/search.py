@@ -146,22 +146,23 @@ def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int
             size += len(batch)
             if size >= block:
                 yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
-                                    rescoring)
+                                    build_id, rescoring)
                 pending, size = [], 0
         if size:
-            yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard, rescoring)
+            yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
+                                build_id, rescoring)
 
     return search
 
 
 def _search_block(index, part: pd.DataFrame, k: int, k_search: int, index_path: str, shard: int,
-                  rescoring) -> pd.DataFrame:
+                  build_id: str, rescoring) -> pd.DataFrame:
     vectors = np.stack(part[S.EMBEDDING].to_numpy()).astype(np.float32)
     sims, ids = faiss_index.search_shard(index, vectors, k_search if rescoring else k)
     sims, ids = faiss_index.merge_topk([sims], [ids], k_search if rescoring else k)  # sorted, -1 padding last
     if rescoring is not None:
         files_of, dim = rescoring
-        pos = vs.positions(index_path, shard, ids)
+        pos = vs.positions(index_path, shard, build_id, ids)
         sims = allpairs.rescore(vectors, files_of, np.full(pos.shape, shard), pos, dim)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         sims, ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
