@@ -28,7 +28,7 @@ setup(
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "keras", "petastorm", "mlflow", "pillow",
         "PyYAML", "scikit-image", "ImageHash", "opencv-python-headless", "scikit-learn", "Jinja2",
-        "matplotlib", "rich",
+        "matplotlib", "rich", "scipy",
     ),
     extras_require={
         # TensorFlow and FAISS come in a CPU and a GPU build that provide the same modules:

@@ -2,22 +2,26 @@
 
 Layout of ``<workdir>/index/<tag>/``::
 
-    index.json            what the index is (type, dimension, count, shards, backbone ...)
+    index.json            what the index is (type, dimension, count, shards, backbone, timings ...)
+    units.json            the table's units (row-group slices), their shard and store offset
     trained.faiss         the shared trained (empty) index, for types that need training
     shards/shard_00000.faiss ...
+    store/<build>/shard_00000_{vectors,ids,sorted_ids,order}.npy   fp16 vectors by FAISS id (DBA)
     idmap/                Parquet: faiss_id -> image_id, shard
 
 ``index.type: auto`` picks the index from the number of vectors and ``index.max_memory``
 (:func:`pipeline.core.faiss_index.plan_index`; the decision is recorded in ``index.json``).
-The training sample streams through a Parquet file into numpy, never through the driver's
-JVM heap. Each Spark task builds exactly one shard (autofaiss ``indices/distributed.py``);
-the whole folder is built under a staging name and renamed into place, and ``index.json``
-is what marks it complete. FAISS ids are assigned by sorting image ids, so a rebuild of
-the same table yields the same ids.
+The table is read with pyarrow, unit by unit (:mod:`pipeline.core.vector_store`): the
+training sample goes from Parquet into numpy on the driver (bounded by
+``index.train_sample``), never through the JVM heap; each Spark task builds exactly one
+shard from its units (autofaiss ``indices/distributed.py``). The whole folder is built under
+a staging name and renamed into place, and ``index.json`` is what marks it complete. FAISS
+ids are a hash of the image id, so a rebuild of the same images yields the same ids.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,14 +29,12 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
+from pyspark.sql import SparkSession
 
 from pipeline import schemas as S
 from pipeline.config import Config
-from pipeline.core import storage
-from pipeline.core import faiss_index
+from pipeline.core import faiss_index, storage
+from pipeline.core import vector_store as vs
 from pipeline.encoders import registry
 from pipeline.stages import tables
 
@@ -43,6 +45,7 @@ INDEX_JSON = "index.json"
 
 
 TRAINED = "trained.faiss"
+UNITS_JSON = "units.json"
 
 
 def shard_file(index_dir: str, shard: int) -> str:
@@ -66,106 +69,75 @@ class IndexInfo:
         return [shard_file(self.path, s["shard"]) for s in self.meta["shards"]]
 
 
-def with_faiss_ids(embeddings: DataFrame) -> DataFrame:
-    """Deterministic ids 0..n-1 in image_id order.
-
-    Only the ids go through the RDD ``zipWithIndex`` (Python rows); the vectors stay in the JVM
-    and meet their id in a join (pickling 100k x 1024 floats through Python took minutes).
-    """
-    ordered = embeddings.select(S.IMAGE_ID).orderBy(S.IMAGE_ID)
-    schema = T.StructType([T.StructField(S.IMAGE_ID, T.StringType(), False),
-                           T.StructField(S.FAISS_ID, T.LongType(), False)])
-    ids = ordered.rdd.zipWithIndex().map(lambda p: (p[0][0], p[1])).toDF(schema)
-    return embeddings.join(ids, S.IMAGE_ID)
+def plan_units(config: Config, table_uri: str, cores: int) -> list[vs.Unit]:
+    """Units of the embedding table: small enough to keep both cores busy and a task's memory
+    bounded (``index.query_block`` rows at most), large enough that Python overhead is small."""
+    rows = sum(vs.parquet_rows(uri) for uri in vs.table_files(table_uri))
+    max_rows = max(1, min(config.index.query_block, math.ceil(rows / max(2 * cores, 1))))
+    return vs.list_units(table_uri, max_rows)
 
 
-def one_per_partition_keys(spark: SparkSession, n: int) -> list[int]:
-    """``n`` integers that ``repartition(n, key)`` sends to partitions 0..n-1, one each.
-
-    Spark's hash partitioning (pmod(murmur3(key), n)) can put two of n small keys in one
-    partition, so one task would build two shards while another idles. The keys are found by
-    asking Spark's own hash function, so they hold whatever its version.
-    """
-    candidates = spark.range(0, max(64, 40 * n)).select(
-        F.col("id"), F.pmod(F.hash(F.col("id").cast("int")), F.lit(n)).alias("p"))
-    first = candidates.groupBy("p").agg(F.min("id").alias("id")).collect()
-    keys = {int(r["p"]): int(r["id"]) for r in first}
-    if len(keys) != n:
-        raise RuntimeError(f"could not find a partition key for each of {n} shards")
-    return [keys[p] for p in range(n)]
-
-
-def stream_sample(spark: SparkSession, rows: DataFrame, n: int, size: int, folder: str) -> np.ndarray:
-    """A uniform sample of about ``size`` embeddings as float32, without collecting rows.
-
-    Spark writes the sample as Parquet; the driver reads it with pyarrow straight into numpy,
-    so the JVM heap never holds it (collecting 100k x 1024 rows ran the driver out of memory).
-    """
-    import pyarrow.parquet as pq
-
-    fraction = min(1.0, size / max(n, 1) * 1.1)
-    rows.select(S.EMBEDDING).sample(fraction=fraction, seed=0).limit(size).write.mode("overwrite").parquet(folder)
-    fs, path = storage._arrow_fs(folder)
-    table = pq.read_table(path, filesystem=fs, columns=[S.EMBEDDING])
-    column = table.column(S.EMBEDDING).combine_chunks()
-    dim = len(column[0]) if len(column) else 0
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(column), dim)
-
-
-def build_index(spark: SparkSession, config: Config, trained_from: IndexInfo | None = None) -> IndexInfo:
+def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     """Build the index of ``config``'s embedding table.
 
-    ``trained_from``: an index of nearly the same vectors (DBA's augmented table is built from
-    the base table) whose trained quantizer is reused when the plan is the same, instead of
-    sampling and training again.
+    The driver lists the table's row groups (metadata and the status column only), picks the
+    index (:func:`pipeline.core.faiss_index.plan_index`) and trains it on a sample read unit
+    by unit. Then one Spark task per shard reads its units straight from Parquet, adds them
+    with their hashed FAISS ids, and writes the shard, its fp16 vector store and its part of
+    the id map. Nothing is shuffled and no vector passes through the JVM.
     """
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     settings = config.index
-    embeddings = (tables.read_table(spark, workdir.embeddings(method), "embedding table")
-                  .where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING))
+    table_uri = workdir.embeddings(method)
+    tables.read_table(spark, table_uri, "embedding table")  # a clear error when missing or half-written
     started = time.perf_counter()
-    rows = with_faiss_ids(embeddings).cache()
-    n = rows.count()
+    cores = max(1, spark.sparkContext.defaultParallelism)
+    units = plan_units(config, table_uri, cores)
+    n = sum(u.ok for u in units)
     if n == 0:
         raise ValueError(f"the embedding table for {method} has no embedded images: nothing to index")
-    dim = len(rows.select(S.EMBEDDING).first()[0])
+    first = next(u for u in units if u.ok)
+    dim = int(vs.read_unit(first)[1].shape[1])
     binary = registry.encoder_for(config).binary
     if binary and settings.type not in ("flat", "auto"):
         log.warning("%s is a binary hash: index.type=%s ignored, using an exact binary index", method, settings.type)
     plan = faiss_index.plan_index(settings, n, dim, binary=binary)
     description = plan.factory
-    n_shards = plan.shards
+    n_shards = vs.assign_shards(units, plan.shards)
     final_dir = workdir.index_dir(method)
     staging = f"{final_dir}.staging-{uuid.uuid4().hex[:12]}"
+    timings = {"plan_seconds": time.perf_counter() - started}
 
     trained_path = None
-    reuse = (trained_from is not None and trained_from.meta.get("trained")
-             and trained_from.meta.get("factory") == description)
-    if reuse:
-        trained_path = f"{staging}/{TRAINED}"
-        faiss_index.write_index(trained_path, faiss_index.read_index(f"{trained_from.path}/{TRAINED}"))
-        log.info("reusing the trained %s of %s", description, trained_from.path)
-    elif faiss_index.needs_training(description):
-        sample = stream_sample(spark, rows, n, plan.train_size, f"{staging}/train_sample")
-        tables.remove(spark, f"{staging}/train_sample")
+    if faiss_index.needs_training(description):
+        t = time.perf_counter()
+        sample = vs.sample_units(units, plan.train_size)
+        timings["sample_seconds"] = time.perf_counter() - t
         log.info("training %s on %d sampled vectors", description, len(sample))
+        t = time.perf_counter()
         trained = faiss_index.train_index(description, dim, sample, settings.use_gpu)
+        timings["train_seconds"] = time.perf_counter() - t
         del sample
         trained_path = f"{staging}/{TRAINED}"
         faiss_index.write_index(trained_path, trained)
+        del trained
 
-    # Contiguous id ranges per shard: shard = faiss_id * n_shards // n; each shard its own task.
-    keys = one_per_partition_keys(spark, n_shards)
-    key_of = F.element_at(F.array(*[F.lit(k) for k in keys]), F.col(S.SHARD) + 1)
-    sharded = rows.withColumn(S.SHARD, (F.col(S.FAISS_ID) * n_shards / n).cast("int"))
-    shard_stats = (sharded.withColumn("_key", key_of).repartition(n_shards, "_key")
-                   .select(S.SHARD, S.FAISS_ID, S.EMBEDDING)
-                   .mapInPandas(_shard_builder(staging, description, dim, trained_path),
-                                schema="shard int, count long, seconds double")).collect()
-    sharded.select(S.FAISS_ID, S.IMAGE_ID, S.SHARD).write.parquet(f"{staging}/idmap")
-    rows.unpersist()
+    # One task per shard; a shard task may use the cores that no other shard task needs.
+    threads = max(1, cores // n_shards)
+    t = time.perf_counter()
+    unit_dicts = [u.as_dict() for u in units]
+    idmap = spark.range(0, n_shards, numPartitions=n_shards).mapInPandas(
+        _shard_builder(staging, description, dim, trained_path, unit_dicts, threads),
+        schema=f"{S.FAISS_ID} long, {S.IMAGE_ID} string, {S.SHARD} int")
+    idmap.write.parquet(f"{staging}/idmap")
+    timings["shards_seconds"] = time.perf_counter() - t
+    shard_stats = [storage.read_json(f"{staging}/shards/shard_{s:05d}.json") for s in range(n_shards)]
+    if n_shards > 1:  # ids are unique within a shard (checked by its task); across shards here
+        distinct = spark.read.parquet(f"{staging}/idmap").select(S.FAISS_ID).distinct().count()
+        if distinct != n:
+            raise RuntimeError(f"{n - distinct} image ids hash to the FAISS id of another: rename those images")
+    storage.write_json(f"{staging}/{UNITS_JSON}", unit_dicts)
 
     meta = {
         **plan.as_meta(),
@@ -175,12 +147,13 @@ def build_index(spark: SparkSession, config: Config, trained_from: IndexInfo | N
         "metric": "hamming" if binary else "inner_product",
         "dimension": dim,
         "count": n,
+        "units": len(units),
         "backbone": method,
-        "shards": sorted(({"shard": r["shard"], "count": r["count"], "build_seconds": r["seconds"]}
-                          for r in shard_stats), key=lambda s: s["shard"]),
+        "shards": sorted(shard_stats, key=lambda s: s["shard"]),
         "trained": trained_path is not None,
         "build_seconds": time.perf_counter() - started,
-        "embeddings": workdir.embeddings(method),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "embeddings": table_uri,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # Unique per build: executors' shard caches are keyed on it (created_at has 1 s resolution).
         "build_id": staging.rsplit(".staging-", 1)[-1],
@@ -189,30 +162,48 @@ def build_index(spark: SparkSession, config: Config, trained_from: IndexInfo | N
         raise RuntimeError(f"index shards hold {sum(s['count'] for s in meta['shards'])} vectors, expected {n}")
     storage.write_json(f"{staging}/{INDEX_JSON}", meta)
     tables.commit_folder(spark, staging, final_dir)
-    log.info("index %s: %d vectors, %d shards, %s (%s)", final_dir, n, len(meta["shards"]), description, plan.reason)
+    log.info("index %s: %d vectors, %d shards, %s (%s) in %.1fs %s", final_dir, n, len(meta["shards"]),
+             description, plan.reason, meta["build_seconds"], meta["timings"])
     return IndexInfo(final_dir, meta)
 
 
-def _shard_builder(staging: str, description: str, dim: int, trained_path: str | None):
-    """Build and write the shard whose rows are in this partition (one shard per partition)."""
+def load_units(info: IndexInfo) -> list[vs.Unit]:
+    return [vs.Unit(**u) for u in storage.read_json(f"{info.path}/{UNITS_JSON}")]
+
+
+def _shard_builder(staging: str, description: str, dim: int, trained_path: str | None, units: list[dict],
+                   threads: int):
+    """Build, store and write each shard of this partition's ids (one shard per task)."""
+    build_id = staging.rsplit(".staging-", 1)[-1]  # as index.json records it
+
     def build(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        set_task_threads()
-        indexes: dict[int, object] = {}
-        seconds: dict[int, float] = {}
+        faiss_index.set_threads(threads)
         for batch in batches:
-            for shard, rows in batch.groupby(S.SHARD, sort=True):
+            for shard in batch["id"].to_numpy():
                 started = time.perf_counter()
                 shard = int(shard)
-                if shard not in indexes:
-                    indexes[shard] = faiss_index.read_index(trained_path) if trained_path else faiss_index.new_index(description, dim)
-                vectors = np.stack(rows[S.EMBEDDING].to_numpy()).astype(np.float32)
-                if faiss_index.is_binary_index(indexes[shard]):
-                    vectors = faiss_index.pack_bits(vectors)
-                indexes[shard].add_with_ids(vectors, rows[S.FAISS_ID].to_numpy(dtype=np.int64))
-                seconds[shard] = seconds.get(shard, 0.0) + time.perf_counter() - started
-        for shard, index in sorted(indexes.items()):
-            faiss_index.write_index(shard_file(staging, shard), index)
-            yield pd.DataFrame({"shard": [shard], "count": [index.ntotal], "seconds": [seconds[shard]]})
+                mine = [vs.Unit(**u) for u in units if u["shard"] == shard and u["ok"]]
+                index = faiss_index.read_index(trained_path) if trained_path else faiss_index.new_index(description, dim)
+                names, ids, vectors = [], [], []
+                for unit in mine:
+                    image_ids, x = vs.read_unit(unit)
+                    fids = vs.faiss_ids(image_ids)
+                    index.add_with_ids(faiss_index.pack_bits(x) if faiss_index.is_binary_index(index) else x, fids)
+                    names.append(image_ids)
+                    ids.append(fids)
+                    vectors.append(x.astype(np.float16))
+                fids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+                vs.write_store(staging, shard, build_id, fids, np.concatenate(vectors) if vectors
+                               else np.zeros((0, dim), np.float16))
+                del vectors
+                faiss_index.write_index(shard_file(staging, shard), index)
+                count = int(index.ntotal)
+                del index
+                storage.write_json(f"{staging}/shards/shard_{shard:05d}.json",
+                                   {"shard": shard, "count": count, "build_seconds": time.perf_counter() - started})
+                yield pd.DataFrame({S.FAISS_ID: fids,
+                                    S.IMAGE_ID: np.concatenate(names) if names else np.zeros(0, object),
+                                    S.SHARD: np.full(len(fids), shard, dtype=np.int32)})
 
     return build
 

@@ -1,13 +1,14 @@
 """Re-ranking in Spark: database-side augmentation (DBA), alpha-query expansion, rotated queries.
 
-Derived tables and their index live under ``<workdir>/derived/<name>`` and are rebuilt when
-their inputs change.
+Rotated embedding tables live under ``<workdir>/derived/rot<deg>``, DBA's augmented vectors
+(fp16, one file per unit of the index) under ``<workdir>/derived/dba/<build>-k<k>-a<alpha>``;
+both are rebuilt when their inputs change.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,8 @@ from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import rerank as core_rerank
 from pipeline.core import storage
+from pipeline.core import vector_store as vs
+from pipeline.stages import allpairs
 from pipeline.stages import embed as em
 from pipeline.stages import index as ix
 from pipeline.stages import tables
@@ -100,36 +103,80 @@ def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
     return target
 
 
-def ensure_dba(spark: SparkSession, config: Config, search: Callable[..., DataFrame]) -> Config:
-    """Database-side augmentation in Spark: self-search, weighted sums, a new table and index.
+@dataclass
+class DbaStore:
+    """The augmented vectors of an index build: one fp16 ``.npy`` per unit, in store order."""
 
-    ``search(spark, config, k, queries)`` is the raw kNN search of :mod:`pipeline.stages.search`
-    (passed in, so that this module does not import the one that calls it).
+    folder: str
+    units: list
+
+    def file(self, unit: int) -> str:
+        return f"{self.folder}/aug_{unit:05d}.npy"
+
+    def files_of(self):
+        """``shard -> [(first position, file)]`` for :func:`pipeline.core.vector_store.gather`."""
+        parts: dict[int, list] = {}
+        for i, u in enumerate(self.units):
+            if u.ok:
+                parts.setdefault(u.shard, []).append((u.offset, self.file(i)))
+        parts = {s: sorted(p) for s, p in parts.items()}
+        return lambda shard: parts[shard]
+
+
+def ensure_dba(spark: SparkSession, config: Config, info, self_search: Callable[..., object],
+               candidates=None) -> DbaStore:
+    """Database-side augmentation of the indexed vectors, from ONE raw search (built when stale).
+
+    Each vector becomes the alpha-weighted sum of its ``dba_k`` nearest neighbours (itself
+    included), taken from the candidates of the raw all-pairs search (``candidates``, or a
+    search of ``dba_k`` run here when the store is stale and none is given). One task per
+    unit gathers the neighbours from the fp16 stores; no second index is built: search
+    re-scores the raw index's candidates with these vectors (:func:`allpairs.finish`).
+    ``self_search(k)`` runs that search (passed in: this module does not import the caller).
     """
     d = config.dedup
-    method = config.embed.backbone
-    workdir = storage.Workdir.of(config.workdir)
-    base = ix.IndexInfo.load(workdir.index_dir(method))
-    sub = derived_config(config, "dba")
-    marker = storage.Workdir.of(sub.workdir).dba_marker
-    meta = {"base_index": base.meta["created_at"], "base_embeddings": base.meta.get("embeddings"),
-            "count": base.meta["count"], "k": d.dba_k, "alpha": d.dba_alpha, "index": dataclasses.asdict(config.index)}
-    if storage.file_exists(marker) and storage.read_json(marker) == meta:
-        return sub
+    build_id = info.meta.get("build_id", info.meta["created_at"])
+    units = ix.load_units(info)
+    parent = storage.Workdir.of(config.workdir).derived("dba")
+    folder = parent.join(f"{build_id}-k{d.dba_k}-a{d.dba_alpha:g}")
+    store = DbaStore(folder, units)
+    marker = f"{folder}/_SUCCESS"
+    if storage.file_exists(marker):
+        return store
     started = time.perf_counter()
-    embeddings = tables.read_table(spark, workdir.embeddings(method), "embedding table").where(
-        F.col(S.STATUS) == S.STATUS_OK)
-    neighbors = search(spark, config, d.dba_k, embeddings.select(S.IMAGE_ID, S.EMBEDDING))
-    augmented = augment_database(neighbors, embeddings, d.dba_alpha).withColumnRenamed(S.EMBEDDING, "augmented")
-    table = (embeddings.join(augmented, S.IMAGE_ID)
-             .withColumn(S.EMBEDDING, F.col("augmented")).select(*S.EMBEDDING_TABLE.fieldNames()))
-    tables.write_table(table, storage.Workdir.of(sub.workdir).embeddings(method), metadata=meta)
-    ix.build_index(spark, sub, trained_from=base)  # same lists: DBA moves vectors only slightly
-    storage.write_json(marker, meta)
+    tables.remove(spark, parent.root)  # an older build's augmented vectors
+    if candidates is None or candidates.k < d.dba_k:
+        candidates = self_search(d.dba_k)
+    dim = int(info.meta["dimension"])
+    unit_dicts = [u.as_dict() for u in units]
+    spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
+        _augmenter(candidates, store, unit_dicts, allpairs.raw_files(info), d.dba_k, float(d.dba_alpha), dim),
+        schema="unit int, rows long").collect()
+    storage.write_bytes(marker, b"")
     log.info("database-side augmentation (k=%d, alpha=%.1f) in %.1fs", d.dba_k, d.dba_alpha,
              time.perf_counter() - started)
     _log_metric("dba_seconds", time.perf_counter() - started)
-    return sub
+    return store
+
+
+def _augmenter(candidates, store: DbaStore, units: list[dict], raw_files, k: int, alpha: float, dim: int):
+    def augment(batches):
+        for batch in batches:
+            for u in batch["id"].to_numpy():
+                unit = vs.Unit(**units[int(u)])
+                if not unit.ok:
+                    continue
+                _, shards, pos, sims = allpairs.load_candidates(candidates, int(u))
+                shards, pos, sims = shards[:, :k], pos[:, :k], np.where(pos[:, :k] >= 0, sims[:, :k], 0.0)
+                out = np.empty((unit.ok, dim), dtype=np.float16)
+                for a in range(0, unit.ok, allpairs.RESCORE_ROWS):
+                    b = min(a + allpairs.RESCORE_ROWS, unit.ok)
+                    neighbors = vs.gather(raw_files, shards[a:b], pos[a:b], dim).reshape(b - a, -1, dim)
+                    out[a:b] = core_rerank.augment_with_neighbors(neighbors, sims[a:b], alpha)
+                vs.save_array(store.file(int(u)), out)
+                yield pd.DataFrame({"unit": [int(u)], "rows": [unit.ok]})
+
+    return augment
 
 
 def _log_metric(name: str, value: float) -> None:

@@ -1,8 +1,10 @@
 """Stage 4a: kNN search of query embeddings against the sharded index.
 
 The search runs in Spark: each task holds one block of queries and ONE index shard (loaded
-once per Python worker), and the per-shard top-k lists are merged in Spark. Only (query, neighbour, similarity) rows leave the executors; no step
-gathers the embeddings on the driver.
+once per Python worker). The all-pairs search of the indexed table reads its queries straight
+from Parquet and merges per-shard lists in its tasks (:mod:`pipeline.stages.allpairs`); given
+queries go through Spark rows and their per-shard lists are merged in Spark. Only (query,
+neighbour, similarity) rows leave the executors; no step gathers the embeddings on the driver.
 """
 from __future__ import annotations
 
@@ -17,21 +19,31 @@ from pyspark.sql import functions as F
 from pipeline import schemas as S
 from pipeline.config import Config
 from pipeline.core import faiss_index, storage
+from pipeline.core import vector_store as vs
 from pipeline.encoders import registry
+from pipeline.stages import allpairs, rerank, tables
 from pipeline.stages import index as ix
-from pipeline.stages import rerank, tables
 
 log = logging.getLogger(__name__)
+
+# Candidates taken from the raw index per query when DBA re-ranks them: at least this many,
+# so a short list (UKBench's top 4) is re-ranked from a pool as a full DBA search would see it.
+MIN_CANDIDATES = 16
+
 
 def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataFrame | None = None) -> DataFrame:
     """Top-``k`` neighbours (self included) of every query embedding, as NEIGHBORS_TABLE rows.
 
-    ``queries`` defaults to the indexed embedding table itself (all-pairs search). The
-    re-ranking options of ``dedup.*`` apply here, so ``dedup`` and ``evaluate`` agree:
+    ``queries`` defaults to the indexed embedding table itself (all-pairs search, read
+    straight from its Parquet units: :mod:`pipeline.stages.allpairs`). The re-ranking
+    options of ``dedup.*`` apply here, so ``dedup`` and ``evaluate`` agree:
 
-    * ``dba_k > 1``: search against (and, by default, with) database vectors replaced by
-      the alpha-weighted sum of their ``dba_k`` nearest neighbours (a derived embedding
-      table and index under ``<workdir>/derived/dba``, rebuilt when its inputs change);
+    * ``dba_k > 1``: database-side augmentation. ONE raw search gives every query its
+      candidates; each database vector is replaced by the alpha-weighted sum of its ``dba_k``
+      best candidates (fp16 vectors under ``<workdir>/derived/dba``, rebuilt when the index
+      changes); the candidates are then re-scored exactly with those vectors, so the
+      similarity is the true cosine of the augmented vectors (all-pairs: query augmented
+      too; given queries: as they are, against the augmented database);
     * ``rotations``: also search with the query images rotated (embedded once into
       ``<workdir>/derived/rot<deg>``), keeping each neighbour's best similarity;
     * ``qe_k > 0``: alpha-query expansion, a second search with expanded queries.
@@ -39,42 +51,61 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
     # Encoders whose vectors re-ranking does not apply to (hash bits) switch it off here.
     config = registry.encoder_for(config).search_config()
     d = config.dedup
-    index_cfg = rerank.ensure_dba(spark, config, _search) if d.dba_k > 1 else config
+    workdir = storage.Workdir.of(config.workdir)
+    info = ix.IndexInfo.load(workdir.index_dir(config.embed.backbone))
+    dba = d.dba_k > 1
+    k_search = max(k, MIN_CANDIDATES) if dba else k
+    folder = allpairs.new_folder(config.workdir)
+
+    def self_search(kk: int):
+        return allpairs.self_search(spark, info, config.index, kk, f"{folder}/k{kk}")
+
+    store = None
     if queries is None:
-        queries = tables.read_table(spark, storage.Workdir.of(index_cfg.workdir).embeddings(config.embed.backbone),
-                                   "embedding table")
-    queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
-    result = _search(spark, index_cfg, k, queries)
+        candidates = self_search(k_search)
+        if dba:
+            store = rerank.ensure_dba(spark, config, info, self_search, candidates)
+        result = allpairs.finish(spark, info, candidates, k, store.files_of() if store else None)
+        if d.qe_k > 0 or d.rotations:
+            queries = tables.read_table(spark, workdir.embeddings(config.embed.backbone), "embedding table")
+    else:
+        if dba:
+            store = rerank.ensure_dba(spark, config, info, self_search)
+        result = None
+    if queries is not None:
+        queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING) \
+            if S.STATUS in queries.columns else queries.select(S.IMAGE_ID, S.EMBEDDING)
+    if result is None:
+        result = _search(spark, config, info, k, queries, store, k_search)
     if d.qe_k > 0:
-        expanded = rerank.expand_queries(spark, index_cfg, queries, result, d.qe_k, d.qe_alpha)
-        result = _search(spark, index_cfg, k, expanded)
+        expanded = rerank.expand_queries(spark, config, queries, result, d.qe_k, d.qe_alpha)
+        result = _search(spark, config, info, k, expanded, store, k_search)
     # Rotated queries are merged last, so query expansion never discards a rotated match.
     rotations = [r for r in d.rotations if r != 0]
-    images = storage.Workdir.of(config.workdir).images
-    if rotations and not tables.is_committed(spark, images):
+    if rotations and not tables.is_committed(spark, workdir.images):
         # A table of embeddings computed elsewhere: there are no images to rotate.
-        log.warning("dedup.rotations=%s skipped: no image table at %s to re-embed rotated", d.rotations, images)
+        log.warning("dedup.rotations=%s skipped: no image table at %s to re-embed rotated", d.rotations, workdir.images)
         rotations = []
     if rotations:
         for r in rotations:
             rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
             rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
             rotated = rotated.join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
-            result = result.unionByName(_search(spark, index_cfg, k, rotated))
+            result = result.unionByName(_search(spark, config, info, k, rotated, store, k_search))
         result = _best_per_neighbor(result, k)
     return result
 
 
-def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> DataFrame:
+def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, queries: DataFrame,
+            store=None, k_search: int | None = None) -> DataFrame:
     """Top-``k`` neighbours of every query row over every index shard, as NEIGHBORS_TABLE rows.
 
     Each task holds one query partition and ONE shard (``index.query_block`` queries searched
     at a time), so its memory is bounded by the shard size (planned from ``index.max_memory``)
-    and the block, never by N. The per-shard top-k lists are merged in Spark.
+    and the block, never by N. With a DBA ``store``, the shard's ``k_search`` candidates are
+    re-scored with the augmented vectors before its top k is kept. Per-shard lists are merged
+    in Spark.
     """
-    workdir = storage.Workdir.of(config.workdir)
-    method = config.embed.backbone
-    info = ix.IndexInfo.load(workdir.index_dir(method))
     queries = queries.select(S.IMAGE_ID, S.EMBEDDING)
     settings = config.index
     wanted = max(spark.sparkContext.defaultParallelism, -(-info.meta["count"] // settings.query_block))
@@ -83,10 +114,13 @@ def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> 
 
     build_id = info.meta.get("build_id", info.meta["created_at"])
     k = min(k, info.meta["count"])
+    k_search = min(max(k, k_search or k), info.meta["count"])
     shards = [s["shard"] for s in info.meta["shards"]]
+    rescoring = (store.files_of(), int(info.meta["dimension"])) if store is not None else None
     schema = "query_id string, faiss_id long, rank int, similarity float"
     # Shard-major union: tasks of one shard run together, so each worker loads a shard once.
-    parts = [queries.mapInPandas(_shard_searcher(info.path, build_id, shard, settings, k), schema=schema)
+    parts = [queries.mapInPandas(_shard_searcher(info.path, build_id, shard, settings, k, k_search, rescoring),
+                                 schema=schema)
              for shard in shards]
     raw = parts[0]
     for part in parts[1:]:
@@ -99,7 +133,7 @@ def _search(spark: SparkSession, config: Config, k: int, queries: DataFrame) -> 
     return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
 
 
-def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int):
+def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int, k_search: int, rescoring):
     block = settings.query_block
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -111,18 +145,28 @@ def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int
             pending.append(batch)
             size += len(batch)
             if size >= block:
-                yield _search_block(index, pd.concat(pending, ignore_index=True), k)
+                yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
+                                    build_id, rescoring)
                 pending, size = [], 0
         if size:
-            yield _search_block(index, pd.concat(pending, ignore_index=True), k)
+            yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
+                                build_id, rescoring)
 
     return search
 
 
-def _search_block(index, part: pd.DataFrame, k: int) -> pd.DataFrame:
+def _search_block(index, part: pd.DataFrame, k: int, k_search: int, index_path: str, shard: int,
+                  build_id: str, rescoring) -> pd.DataFrame:
     vectors = np.stack(part[S.EMBEDDING].to_numpy()).astype(np.float32)
-    sims, ids = faiss_index.search_shard(index, vectors, k)
-    sims, ids = faiss_index.merge_topk([sims], [ids], k)  # sorted, -1 padding last
+    sims, ids = faiss_index.search_shard(index, vectors, k_search if rescoring else k)
+    sims, ids = faiss_index.merge_topk([sims], [ids], k_search if rescoring else k)  # sorted, -1 padding last
+    if rescoring is not None:
+        files_of, dim = rescoring
+        pos = vs.positions(index_path, shard, build_id, ids)
+        sims = allpairs.rescore(vectors, files_of, np.full(pos.shape, shard), pos, dim)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        sims, ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        ids = np.where(np.isfinite(sims), ids, -1)
     kk = ids.shape[1]
     valid = ids.reshape(-1) >= 0
     return pd.DataFrame({

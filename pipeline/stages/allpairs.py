@@ -1,0 +1,200 @@
+"""All-pairs search of the indexed table in Spark tasks, without shuffling vectors.
+
+Three kinds of task, each reading what it needs straight from files (the table's Parquet
+units, the index shards, the fp16 stores; :mod:`pipeline.core.vector_store`):
+
+1. :func:`self_search`: one task per (unit, shard): the unit's vectors searched against the
+   shard; its top-k (FAISS ids, store positions, similarities) is written as one small
+   ``.npz`` candidates file under a scratch folder (faiss contrib/big_batch_search keeps
+   such per-block results too);
+2. DBA (:func:`pipeline.stages.rerank.ensure_dba`): one task per unit computes the augmented
+   vectors of its rows from the top ``dba_k`` of the same candidates;
+3. :func:`finish`: one task per unit merges its candidates over the shards, optionally
+   re-scores them exactly with the augmented vectors (a true cosine again), and yields the
+   top k rows; only these small rows enter Spark (joined with the id map for image ids).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import schemas as S
+from pipeline.config import IndexSettings
+from pipeline.core import faiss_index, storage
+from pipeline.core import vector_store as vs
+from pipeline.stages import index as ix
+from pipeline.stages import tables
+
+log = logging.getLogger(__name__)
+
+# Rows re-scored at once (rows x candidates x dim float32 in memory).
+RESCORE_ROWS = 256
+FilesOf = Callable[[int], list]
+
+
+@dataclass
+class Candidates:
+    """Where :func:`self_search` wrote its per-(unit, shard) top-k files."""
+
+    folder: str
+    k: int
+    shards: int
+    units: list
+
+    def file(self, unit: int, shard: int) -> str:
+        return f"{self.folder}/cand_{unit:05d}_{shard:05d}.npz"
+
+
+def new_folder(workdir: str) -> str:
+    """A scratch folder for one search; earlier searches' folders of this workdir are removed."""
+    parent = storage.Workdir.of(workdir).derived("search").root
+    _remove_children(parent)
+    return f"{parent}/{uuid.uuid4().hex[:12]}"
+
+
+def _remove_children(parent: str) -> None:
+    from pyarrow import fs as pafs
+
+    fs, path = storage._arrow_fs(parent)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+
+
+def raw_files(info: ix.IndexInfo) -> FilesOf:
+    """The fp16 store of each shard, as the (first position, file) parts :func:`vs.gather` reads."""
+    path, build_id = info.path, info.meta.get("build_id", info.meta["created_at"])
+    return lambda shard: [(0, vs.store_files(path, shard, build_id)["vectors"])]
+
+
+def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings, k: int, folder: str) -> Candidates:
+    """Every indexed vector searched against every shard: top-``k`` candidates files (pass 1)."""
+    units = ix.load_units(info)
+    n_shards = len(info.meta["shards"])
+    k = min(k, info.meta["count"])
+    cands = Candidates(folder, k, n_shards, units)
+    started = time.perf_counter()
+    unit_dicts = [u.as_dict() for u in units]
+    tasks = len(units) * n_shards
+    build_id = info.meta.get("build_id", info.meta["created_at"])
+    # Shard-major task order: the tasks of one shard run together, a worker loads it once.
+    spark.range(0, tasks, numPartitions=tasks).mapInPandas(
+        _searcher(info.path, build_id, settings, unit_dicts, cands), schema="unit int, shard int, rows long").collect()
+    log.info("searched %d units x %d shards (k=%d) in %.1fs", len(units), n_shards, k, time.perf_counter() - started)
+    return cands
+
+
+def _searcher(index_path: str, build_id: str, settings: IndexSettings, units: list[dict], cands: Candidates):
+    n_units = len(units)
+
+    def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ix.set_task_threads()
+        for batch in batches:
+            for task in batch["id"].to_numpy():
+                shard, u = divmod(int(task), n_units)
+                unit = vs.Unit(**units[u])
+                if not unit.ok:
+                    continue
+                _, x = vs.read_unit(unit)
+                index = faiss_index.load_shard(ix.shard_file(index_path, shard), build_id, settings)
+                sims, ids = faiss_index.search_shard(index, x, cands.k)
+                sims, ids = faiss_index.merge_topk([sims], [ids], cands.k)  # sorted, -1 padding last
+                pos = vs.positions(index_path, shard, build_id, ids)
+                _save_npz(cands.file(u, shard), ids=ids, pos=pos, sims=np.clip(sims, -1.0, 1.0).astype(np.float32))
+                yield pd.DataFrame({"unit": [u], "shard": [shard], "rows": [len(x)]})
+
+    return search
+
+
+def _save_npz(uri: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def load_candidates(cands: Candidates, unit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(faiss ids, shards, store positions, similarities) of a unit's rows over all shards, best first."""
+    ids, shards, pos, sims = [], [], [], []
+    for shard in range(cands.shards):
+        with np.load(io.BytesIO(storage.read_bytes(cands.file(unit, shard)))) as f:
+            ids.append(f["ids"])
+            pos.append(f["pos"])
+            sims.append(np.where(f["ids"] < 0, -np.inf, f["sims"]).astype(np.float32))
+            shards.append(np.full(f["ids"].shape, shard, dtype=np.int64))
+    ids, shards, pos, sims = (np.concatenate(a, axis=1) for a in (ids, shards, pos, sims))
+    if cands.shards > 1:
+        order = np.argsort(-sims, axis=1, kind="stable")
+        ids, shards, pos, sims = (np.take_along_axis(a, order, axis=1) for a in (ids, shards, pos, sims))
+    return ids, shards, pos, sims
+
+
+def rescore(queries: np.ndarray, files_of: FilesOf, shards: np.ndarray, pos: np.ndarray, dim: int) -> np.ndarray:
+    """Exact inner products of each query row with its candidates' stored vectors (-inf: no vector)."""
+    out = np.full(pos.shape, -np.inf, dtype=np.float32)
+    for a in range(0, len(queries), RESCORE_ROWS):
+        b = min(a + RESCORE_ROWS, len(queries))
+        p = pos[a:b]
+        vectors = vs.gather(files_of, shards[a:b], p, dim).reshape(b - a, p.shape[1], dim)
+        sims = np.einsum("qd,qkd->qk", queries[a:b], vectors)
+        out[a:b] = np.where(p >= 0, np.clip(sims, -1.0, 1.0), -np.inf)
+    return out
+
+
+def finish(spark: SparkSession, info: ix.IndexInfo, cands: Candidates, k: int,
+           vectors_of: FilesOf | None = None) -> DataFrame:
+    """The NEIGHBORS_TABLE rows of every unit (pass 3), re-scored with ``vectors_of``'s vectors if given.
+
+    With ``vectors_of`` (the DBA store) a row's similarity is the inner product of the
+    query's and the neighbour's stored vectors, and the candidates are re-ranked by it.
+    """
+    units = [u.as_dict() for u in cands.units]
+    dim = int(info.meta["dimension"])
+    k = min(k, cands.k * cands.shards)
+    schema = f"{S.QUERY_ID} string, {S.FAISS_ID} long, {S.RANK} int, {S.SIMILARITY} float"
+    raw = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
+        _finisher(cands, units, k, dim, vectors_of), schema=schema)
+    idmap = spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))
+    return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
+
+
+def _finisher(cands: Candidates, units: list[dict], k: int, dim: int, vectors_of: FilesOf | None):
+    def finish_units(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            for u in batch["id"].to_numpy():
+                unit = vs.Unit(**units[int(u)])
+                if not unit.ok:
+                    continue
+                names, _ = vs.read_unit(unit, vectors=False)
+                ids, shards, pos, sims = load_candidates(cands, int(u))
+                if vectors_of is not None:
+                    own = np.arange(unit.ok, dtype=np.int64) + unit.offset
+                    queries = vs.gather(vectors_of, np.full(unit.ok, unit.shard), own, dim)
+                    sims = rescore(queries, vectors_of, shards, pos, dim)
+                    order = np.argsort(-sims, axis=1, kind="stable")
+                    ids, sims = np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
+                ids, sims = ids[:, :k], sims[:, :k]
+                valid = (ids >= 0) & np.isfinite(sims)
+                kk = ids.shape[1]
+                yield pd.DataFrame({
+                    S.QUERY_ID: np.repeat(names, kk)[valid.reshape(-1)],
+                    S.FAISS_ID: ids[valid],
+                    S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(ids))[valid.reshape(-1)],
+                    S.SIMILARITY: sims[valid].astype(np.float32),
+                })
+
+    return finish_units
+
+
+def remove(spark: SparkSession, folder: str) -> None:
+    tables.remove(spark, folder)
