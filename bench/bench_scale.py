@@ -371,7 +371,7 @@ def dba_vectors(workdir: Path, ids: np.ndarray) -> np.ndarray | None:
     index_dir = workdir / "index" / METHOD
     if not folders or not (index_dir / "units.json").exists():
         return None
-    units = ix.load_units(ix.IndexInfo(str(index_dir), {}))
+    units = ix.load_units(ix.IndexInfo.load(str(index_dir)))
     import pandas as pd
 
     at = pd.Index(ids)

@@ -1,4 +1,4 @@
-"""Embedding tables read in blocks straight from Parquet, and dense fp16 vector stores (no Spark).
+"""Embedding tables read in blocks straight from Parquet, and dense vector stores (no Spark).
 
 The index and search stages read the embedding table with pyarrow inside their tasks, one
 *unit* (a slice of one Parquet row group) at a time, instead of going through Spark rows:
@@ -7,11 +7,14 @@ no id join, no shuffle of 4 KB vectors, no JVM <-> Python conversion of every fl
 * **FAISS ids** are a 63-bit hash of the image id: the same for the same image whatever
   the table's file layout (an incremental table and a fresh one give the same ids), and
   computed where the row is read, so no job has to join vectors with their ids.
-* **Stores**: each index shard keeps its vectors as a dense fp16 array in unit order
-  (``vectors.npy``) with the sorted ids and their positions (``sorted_ids.npy``,
-  ``order.npy``), so a task can fetch any vector of the shard by FAISS id. DBA writes the
-  augmented vectors of each unit the same way; re-scoring reads them by position. The files
-  are memory-mapped (read from local disk; a remote one is copied to local disk once).
+* **Stores**: each index shard keeps its vectors as a dense array in unit order
+  (``vectors.npy``, :data:`STORE_DTYPE`) with the sorted ids and their positions
+  (``sorted_ids.npy``, ``order.npy``), so a task can fetch any vector of the shard by FAISS
+  id. DBA writes the augmented vectors of each unit the same way; re-scoring reads them by
+  position. The files are memory-mapped (read from local disk; a remote one is copied to
+  local disk once). After the build, the all-pairs search reads its queries from the stores
+  too (:func:`read_stored`), not from the table: an incremental embed rewrites the table's
+  files, and an appended shard has no Parquet units at all.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ import numpy as np
 from pipeline.core import storage
 
 IMAGE_ID, EMBEDDING, STATUS, STATUS_OK = "image_id", "embedding", "status", "ok"
+
+# float32, not fp16: calibrated scores, the incremental dedup and `query` compare pair cosines
+# with the full dedup's to 1e-4 (fp16 vectors move a cosine by up to about 1e-3). fp16 would
+# halve the stores' disk and page cache (TODO in docs/scaling.md: an option, with looser
+# guarantees, for archives where that matters).
+STORE_DTYPE = np.float32
 
 
 # ------------------------------------------------------------------- ids
@@ -233,16 +242,33 @@ def store_files(index_dir: str, shard: int, build_id: str) -> dict[str, str]:
 
 
 def write_store(index_dir: str, shard: int, build_id: str, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """A shard's vectors (fp16, in unit order) and the lookup from FAISS id to position."""
+    """A shard's vectors (:data:`STORE_DTYPE`, in unit order) and the lookup from FAISS id to position."""
     files = store_files(index_dir, shard, build_id)
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     if len(sorted_ids) > 1 and (np.diff(sorted_ids) == 0).any():
         raise RuntimeError("two image ids hash to the same FAISS id: rename one image or report this")
-    save_array(files["vectors"], np.asarray(vectors, dtype=np.float16))
+    save_array(files["vectors"], np.asarray(vectors, dtype=STORE_DTYPE))
     save_array(files["ids"], ids.astype(np.int64))
     save_array(files["sorted_ids"], sorted_ids.astype(np.int64))
     save_array(files["order"], order.astype(np.int64))
+
+
+def read_stored(index_dir: str, unit: Unit, build_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(FAISS ids, float32 vectors) of a unit's ok rows from its shard's store (positions
+    ``offset .. offset + ok``): what :func:`read_unit` gave at build time, without the table."""
+    files = store_files(index_dir, unit.shard, build_id)
+    stop = unit.offset + unit.ok
+    ids = np.asarray(load_array(files["ids"])[unit.offset:stop], dtype=np.int64)
+    vectors = np.asarray(load_array(files["vectors"])[unit.offset:stop], dtype=np.float32)
+    return ids, vectors
+
+
+def stored_units(shard: int, count: int, max_rows: int) -> list[Unit]:
+    """Units over a whole store of ``count`` vectors (an appended shard: no Parquet behind it)."""
+    pieces = max(1, math.ceil(count / max(1, max_rows)))
+    bounds = np.linspace(0, count, pieces + 1).astype(int)
+    return [Unit("", -1, int(a), int(b), int(b - a), shard, int(a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def positions(index_dir: str, shard: int, build_id: str, ids: np.ndarray) -> np.ndarray:

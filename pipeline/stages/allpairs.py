@@ -1,7 +1,9 @@
 """All-pairs search of the indexed table in Spark tasks, without shuffling vectors.
 
-Three kinds of task, each reading what it needs straight from files (the table's Parquet
-units, the index shards, the fp16 stores; :mod:`pipeline.core.vector_store`):
+Three kinds of task, each reading what it needs straight from files (the index shards and
+their vector stores, sliced in the index's units; :mod:`pipeline.core.vector_store`). The
+embedding table itself is read only by the index build: the incremental embed rewrites its
+files, and a shard appended by the incremental dedup has no Parquet behind it:
 
 1. :func:`self_search`: one task per (unit, shard): the unit's vectors searched against the
    shard; its top-k (FAISS ids, store positions, similarities) is written as one small
@@ -73,9 +75,9 @@ def _remove_children(parent: str) -> None:
 
 
 def raw_files(info: ix.IndexInfo) -> FilesOf:
-    """The fp16 store of each shard, as the (first position, file) parts :func:`vs.gather` reads."""
-    path, build_id = info.path, info.meta.get("build_id", info.meta["created_at"])
-    return lambda shard: [(0, vs.store_files(path, shard, build_id)["vectors"])]
+    """The store of each shard, as the (first position, file) parts :func:`vs.gather` reads."""
+    path, stores = info.path, info.store_ids()
+    return lambda shard: [(0, vs.store_files(path, shard, stores[shard])["vectors"])]
 
 
 def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings, k: int, folder: str) -> Candidates:
@@ -87,15 +89,16 @@ def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings
     started = time.perf_counter()
     unit_dicts = [u.as_dict() for u in units]
     tasks = len(units) * n_shards
-    build_id = info.meta.get("build_id", info.meta["created_at"])
     # Shard-major task order: the tasks of one shard run together, a worker loads it once.
     spark.range(0, tasks, numPartitions=tasks).mapInPandas(
-        _searcher(info.path, build_id, settings, unit_dicts, cands), schema="unit int, shard int, rows long").collect()
+        _searcher(info.path, info.build_id, info.store_ids(), settings, unit_dicts, cands),
+        schema="unit int, shard int, rows long").collect()
     log.info("searched %d units x %d shards (k=%d) in %.1fs", len(units), n_shards, k, time.perf_counter() - started)
     return cands
 
 
-def _searcher(index_path: str, build_id: str, settings: IndexSettings, units: list[dict], cands: Candidates):
+def _searcher(index_path: str, build_id: str, stores: dict[int, str], settings: IndexSettings, units: list[dict],
+              cands: Candidates):
     n_units = len(units)
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -106,11 +109,11 @@ def _searcher(index_path: str, build_id: str, settings: IndexSettings, units: li
                 unit = vs.Unit(**units[u])
                 if not unit.ok:
                     continue
-                _, x = vs.read_unit(unit)
+                _, x = vs.read_stored(index_path, unit, stores[unit.shard])
                 index = faiss_index.load_shard(ix.shard_file(index_path, shard), build_id, settings)
                 sims, ids = faiss_index.search_shard(index, x, cands.k)
                 sims, ids = faiss_index.merge_topk([sims], [ids], cands.k)  # sorted, -1 padding last
-                pos = vs.positions(index_path, shard, build_id, ids)
+                pos = vs.positions(index_path, shard, stores[shard], ids)
                 _save_npz(cands.file(u, shard), ids=ids, pos=pos, sims=np.clip(sims, -1.0, 1.0).astype(np.float32))
                 yield pd.DataFrame({"unit": [u], "shard": [shard], "rows": [len(x)]})
 
@@ -155,27 +158,34 @@ def finish(spark: SparkSession, info: ix.IndexInfo, cands: Candidates, k: int,
            vectors_of: FilesOf | None = None) -> DataFrame:
     """The NEIGHBORS_TABLE rows of every unit (pass 3), re-scored with ``vectors_of``'s vectors if given.
 
-    With ``vectors_of`` (the DBA store) a row's similarity is the inner product of the
-    query's and the neighbour's stored vectors, and the candidates are re-ranked by it.
+    With ``vectors_of`` (the DBA store, or the raw store: :func:`raw_files`) a row's
+    similarity is the inner product of the query's and the neighbour's stored vectors (an
+    exact cosine, whatever the index's compression), and the candidates are re-ranked by it.
     """
     units = [u.as_dict() for u in cands.units]
     dim = int(info.meta["dimension"])
     k = min(k, cands.k * cands.shards)
-    schema = f"{S.QUERY_ID} string, {S.FAISS_ID} long, {S.RANK} int, {S.SIMILARITY} float"
+    schema = f"query_faiss_id long, {S.FAISS_ID} long, {S.RANK} int, {S.SIMILARITY} float"
     raw = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
-        _finisher(cands, units, k, dim, vectors_of), schema=schema)
-    idmap = spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))
-    return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
+        _finisher(info.path, info.store_ids(), cands, units, k, dim, vectors_of), schema=schema)
+    # Query ids too come from the id map (the stores hold FAISS ids, not image ids).
+    idmap = spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, S.IMAGE_ID)
+    queries = idmap.select(F.col(S.FAISS_ID).alias("query_faiss_id"), F.col(S.IMAGE_ID).alias(S.QUERY_ID))
+    neighbours = idmap.select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))
+    return (raw.join(queries, "query_faiss_id").join(neighbours, S.FAISS_ID)
+            .select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY))
 
 
-def _finisher(cands: Candidates, units: list[dict], k: int, dim: int, vectors_of: FilesOf | None):
+def _finisher(index_path: str, stores: dict[int, str], cands: Candidates, units: list[dict], k: int, dim: int,
+              vectors_of: FilesOf | None):
     def finish_units(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             for u in batch["id"].to_numpy():
                 unit = vs.Unit(**units[int(u)])
                 if not unit.ok:
                     continue
-                names, _ = vs.read_unit(unit, vectors=False)
+                query_ids = np.asarray(vs.load_array(vs.store_files(index_path, unit.shard, stores[unit.shard])["ids"])
+                                   [unit.offset:unit.offset + unit.ok], dtype=np.int64)
                 ids, shards, pos, sims = load_candidates(cands, int(u))
                 if vectors_of is not None:
                     own = np.arange(unit.ok, dtype=np.int64) + unit.offset
@@ -187,7 +197,7 @@ def _finisher(cands: Candidates, units: list[dict], k: int, dim: int, vectors_of
                 valid = (ids >= 0) & np.isfinite(sims)
                 kk = ids.shape[1]
                 yield pd.DataFrame({
-                    S.QUERY_ID: np.repeat(names, kk)[valid.reshape(-1)],
+                    "query_faiss_id": np.repeat(query_ids, kk)[valid.reshape(-1)],
                     S.FAISS_ID: ids[valid],
                     S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(ids))[valid.reshape(-1)],
                     S.SIMILARITY: sims[valid].astype(np.float32),

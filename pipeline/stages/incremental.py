@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any, Iterator
 
 import numpy as np
@@ -42,7 +41,7 @@ from pyspark.sql import functions as F
 
 from pipeline import schemas as S
 from pipeline.config import Config
-from pipeline.core import faiss_index, matching, storage
+from pipeline.core import matching, storage
 from pipeline.encoders import registry
 from pipeline.stages import dedup as dd
 from pipeline.stages import embed as em
@@ -198,6 +197,8 @@ def plan(spark: SparkSession, config: Config) -> tuple[dict | None, str]:
         return None, "the threshold changed since the last dedup"
     if {k: state_meta.get(k) for k in fingerprint(config, threshold)} != fingerprint(config, threshold):
         return None, "the model or the dedup settings changed since the last dedup"
+    if index.meta.get("layout") != ix.LAYOUT:
+        return None, "the index was built by an older version (no vector stores)"
     if state_meta.get("index_build_id") != index.meta.get("build_id"):
         return None, "the index was rebuilt since the last dedup"
     if index.meta.get("type") != "flat" and d.incremental != "always":
@@ -375,7 +376,7 @@ def update(spark: SparkSession, config: Config, todo: dict) -> dict[str, Any] | 
                                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tables.write_table(pairs, workdir.pairs(method), metadata=pairs_meta)
     counts = dd.write_groups(spark, config, threshold, pairs_meta.get("score", "cosine"))
-    info = append_to_index(config, todo["index"], new_ids, vn)
+    info = ix.append_to_index(config, todo["index"], new_ids, vn)
     sha = {**{x: r[S.CONTENT_SHA256] for x, r in old_state.items()}, **{r[S.IMAGE_ID]: r[S.CONTENT_SHA256] for r in new_rows}}
     d_rows = [(x, sha[x], d_aug[i].tolist(),
                [str(m) for m in lists[x][0]] if x in lists else list(old_state[x][DBA_IDS] or []),
@@ -420,48 +421,3 @@ def _cosine_pairs(state: DataFrame, d_ids: list[str], d_variants: np.ndarray, d_
         key = (min(x, y), max(x, y))
         best[key] = max(best.get(key, -2.0), s)
     return {key: (s, None) for key, s in best.items()}
-
-
-def append_to_index(config: Config, info: ix.IndexInfo, ids: list[str], vectors: np.ndarray) -> ix.IndexInfo:
-    """The new vectors as one more shard (ids continue after the last one, in image-id order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    meta = dict(info.meta)
-    if not ids:
-        return info
-    started = time.perf_counter()
-    _drop_orphan_parts(info.path, meta.get("appended", []))
-    first = int(meta["count"])
-    faiss_ids = np.arange(first, first + len(ids), dtype=np.int64)
-    shard = max(s["shard"] for s in meta["shards"]) + 1
-    if meta.get("trained"):
-        index = faiss_index.read_index(f"{info.path}/{ix.TRAINED}")
-    else:
-        index = faiss_index.new_index(meta["factory"], int(meta["dimension"]))
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), faiss_ids)
-    build = uuid.uuid4().hex[:12]
-    part = f"{info.path}/idmap/part-appended-{build}.parquet"
-    idmap = pa.table({S.FAISS_ID: pa.array(faiss_ids, pa.int64()), S.IMAGE_ID: pa.array(ids, pa.string()),
-                      S.SHARD: pa.array([shard] * len(ids), pa.int32())})
-    fs, path = storage._arrow_fs(part)
-    pq.write_table(idmap, path, filesystem=fs)
-    faiss_index.write_index(ix.shard_file(info.path, shard), index)
-    meta["shards"] = meta["shards"] + [{"shard": shard, "count": len(ids), "build_seconds": time.perf_counter() - started}]
-    meta["count"] = first + len(ids)
-    meta["build_id"] = build
-    meta["appended"] = meta.get("appended", []) + [build]
-    storage.write_json(f"{info.path}/{ix.INDEX_JSON}", meta)
-    return ix.IndexInfo(info.path, meta)
-
-
-def _drop_orphan_parts(index_dir: str, committed: list[str]) -> None:
-    """Id-map parts of an append interrupted before its index.json was written (their ids would repeat)."""
-    from pyarrow import fs as pafs
-
-    fs, root = storage._arrow_fs(f"{index_dir}/idmap")
-    for entry in fs.get_file_info(pafs.FileSelector(root)):
-        name = entry.base_name
-        if name.startswith("part-appended-") and name[len("part-appended-"):].split(".")[0] not in committed:
-            log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
-            fs.delete_file(entry.path)

@@ -6,7 +6,7 @@ Layout of ``<workdir>/index/<tag>/``::
     units.json            the table's units (row-group slices), their shard and store offset
     trained.faiss         the shared trained (empty) index, for types that need training
     shards/shard_00000.faiss ...
-    store/<build>/shard_00000_{vectors,ids,sorted_ids,order}.npy   fp16 vectors by FAISS id (DBA)
+    store/<build>/shard_00000_{vectors,ids,sorted_ids,order}.npy   float32 vectors by FAISS id
     idmap/                Parquet: faiss_id -> image_id, shard
 
 ``index.type: auto`` picks the index from the number of vectors and ``index.max_memory``
@@ -46,6 +46,9 @@ INDEX_JSON = "index.json"
 
 TRAINED = "trained.faiss"
 UNITS_JSON = "units.json"
+# 2: units.json, hashed FAISS ids, per-shard vector stores (issue 9). An index without it was
+# built by an older version: its search needs a rebuild.
+LAYOUT = 2
 
 
 def shard_file(index_dir: str, shard: int) -> str:
@@ -68,6 +71,20 @@ class IndexInfo:
     def shard_paths(self) -> list[str]:
         return [shard_file(self.path, s["shard"]) for s in self.meta["shards"]]
 
+    def require_layout(self) -> None:
+        if self.meta.get("layout") != LAYOUT:
+            raise RuntimeError(f"the index at {self.path} was built by an older neardup (no vector stores): "
+                               "rebuild it (`neardup index`, or `neardup run`)")
+
+    @property
+    def build_id(self) -> str:
+        """Changes with every build and every append (caches and derived DBA vectors key on it)."""
+        return self.meta.get("build_id", self.meta["created_at"])
+
+    def store_ids(self) -> dict[int, str]:
+        """The build that wrote each shard's store (an appended shard: the append's; the others keep theirs)."""
+        return {int(s["shard"]): s.get("store", self.build_id) for s in self.meta["shards"]}
+
 
 def plan_units(config: Config, table_uri: str, cores: int) -> list[vs.Unit]:
     """Units of the embedding table: small enough to keep both cores busy and a task's memory
@@ -83,7 +100,7 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     The driver lists the table's row groups (metadata and the status column only), picks the
     index (:func:`pipeline.core.faiss_index.plan_index`) and trains it on a sample read unit
     by unit. Then one Spark task per shard reads its units straight from Parquet, adds them
-    with their hashed FAISS ids, and writes the shard, its fp16 vector store and its part of
+    with their hashed FAISS ids, and writes the shard, its vector store and its part of
     the id map. Nothing is shuffled and no vector passes through the JVM.
     """
     workdir = storage.Workdir.of(config.workdir)
@@ -148,6 +165,7 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
         "dimension": dim,
         "count": n,
         "units": len(units),
+        "layout": LAYOUT,
         "backbone": method,
         "shards": sorted(shard_stats, key=lambda s: s["shard"]),
         "trained": trained_path is not None,
@@ -168,7 +186,10 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
 
 
 def load_units(info: IndexInfo) -> list[vs.Unit]:
-    return [vs.Unit(**u) for u in storage.read_json(f"{info.path}/{UNITS_JSON}")]
+    """The units of the index's shards (units.json is written before index.json: units of a shard
+    that an interrupted append left without an index.json entry are not the index's)."""
+    shards = {int(s["shard"]) for s in info.meta["shards"]}
+    return [vs.Unit(**u) for u in storage.read_json(f"{info.path}/{UNITS_JSON}") if int(u["shard"]) in shards]
 
 
 def _shard_builder(staging: str, description: str, dim: int, trained_path: str | None, units: list[dict],
@@ -191,16 +212,17 @@ def _shard_builder(staging: str, description: str, dim: int, trained_path: str |
                     index.add_with_ids(faiss_index.pack_bits(x) if faiss_index.is_binary_index(index) else x, fids)
                     names.append(image_ids)
                     ids.append(fids)
-                    vectors.append(x.astype(np.float16))
+                    vectors.append(x.astype(vs.STORE_DTYPE))
                 fids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
                 vs.write_store(staging, shard, build_id, fids, np.concatenate(vectors) if vectors
-                               else np.zeros((0, dim), np.float16))
+                               else np.zeros((0, dim), vs.STORE_DTYPE))
                 del vectors
                 faiss_index.write_index(shard_file(staging, shard), index)
                 count = int(index.ntotal)
                 del index
                 storage.write_json(f"{staging}/shards/shard_{shard:05d}.json",
-                                   {"shard": shard, "count": count, "build_seconds": time.perf_counter() - started})
+                                   {"shard": shard, "count": count, "store": build_id,
+                                    "build_seconds": time.perf_counter() - started})
                 yield pd.DataFrame({S.FAISS_ID: fids,
                                     S.IMAGE_ID: np.concatenate(names) if names else np.zeros(0, object),
                                     S.SHARD: np.full(len(fids), shard, dtype=np.int32)})
@@ -218,3 +240,77 @@ def set_task_threads() -> None:
     except Exception:  # outside a task, or an older PySpark
         cpus = 0
     faiss_index.set_threads(cpus)
+
+
+# ----------------------------------------------------------------- append
+def append_to_index(config: Config, info: IndexInfo, ids: list[str], vectors: np.ndarray) -> IndexInfo:
+    """The new vectors as one more shard (incremental dedup), in the layout :func:`build_index` writes.
+
+    FAISS ids are the same hash of the image id; the shard gets its own store under
+    ``store/<append build>/`` (the other shards keep theirs: ``IndexInfo.store_ids``) and units
+    over that store, so the all-pairs search finds every vector without reading the embedding
+    table (which the incremental embed rewrote). Written in this order, ``index.json`` last:
+    shard, store, id-map part, units.json; anything an interrupted append left is ignored
+    (units of unlisted shards) or removed by the next append (id-map parts, stores).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = dict(info.meta)
+    if not ids:
+        return info
+    started = time.perf_counter()
+    _drop_orphans(info, meta.get("appended", []))
+    faiss_ids = vs.faiss_ids(ids)
+    stores = info.store_ids()
+    for old in stores:  # a hash shared with an indexed image (or an image indexed twice) is an error
+        if (vs.positions(info.path, old, stores[old], faiss_ids) >= 0).any():
+            raise RuntimeError("a new image id hashes to the FAISS id of an indexed image: rename it")
+    shard = max(s["shard"] for s in meta["shards"]) + 1
+    if meta.get("trained"):
+        index = faiss_index.read_index(f"{info.path}/{TRAINED}")
+    else:
+        index = faiss_index.new_index(meta["factory"], int(meta["dimension"]))
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index.add_with_ids(faiss_index.pack_bits(vectors) if faiss_index.is_binary_index(index) else vectors, faiss_ids)
+    build = uuid.uuid4().hex[:12]
+    vs.write_store(info.path, shard, build, faiss_ids, vectors)
+    part = f"{info.path}/idmap/part-appended-{build}.parquet"
+    idmap = pa.table({S.FAISS_ID: pa.array(faiss_ids, pa.int64()), S.IMAGE_ID: pa.array(ids, pa.string()),
+                      S.SHARD: pa.array([shard] * len(ids), pa.int32())})
+    fs, path = storage._arrow_fs(part)
+    pq.write_table(idmap, path, filesystem=fs)
+    faiss_index.write_index(shard_file(info.path, shard), index)
+    units = [u.as_dict() for u in load_units(info)]
+    units += [u.as_dict() for u in vs.stored_units(shard, len(ids), config.index.query_block)]
+    storage.write_json(f"{info.path}/{UNITS_JSON}", units)
+    meta["shards"] = meta["shards"] + [{"shard": shard, "count": len(ids), "store": build,
+                                        "build_seconds": time.perf_counter() - started}]
+    # The shards built with the index keep their store's name after build_id moves on.
+    meta["shards"] = [{**s, "store": s.get("store", info.build_id)} for s in meta["shards"]]
+    meta["count"] = int(meta["count"]) + len(ids)
+    meta["units"] = len(units)
+    meta["build_id"] = build
+    meta["appended"] = meta.get("appended", []) + [build]
+    storage.write_json(f"{info.path}/{INDEX_JSON}", meta)
+    return IndexInfo(info.path, meta)
+
+
+def _drop_orphans(info: IndexInfo, committed: list[str]) -> None:
+    """Id-map parts and stores of an append interrupted before its index.json was written."""
+    from pyarrow import fs as pafs
+
+    fs, root = storage._arrow_fs(f"{info.path}/idmap")
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        name = entry.base_name
+        if name.startswith("part-appended-") and name[len("part-appended-"):].split(".")[0] not in committed:
+            log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
+            fs.delete_file(entry.path)
+    fs, root = storage._arrow_fs(f"{info.path}/store")
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return
+    used = set(info.store_ids().values())
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        if entry.type == pafs.FileType.Directory and entry.base_name not in used:
+            log.warning("removing %s: left by an interrupted incremental dedup", entry.path)
+            fs.delete_dir(entry.path)

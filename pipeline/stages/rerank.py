@@ -1,7 +1,7 @@
 """Re-ranking in Spark: database-side augmentation (DBA), alpha-query expansion, rotated queries.
 
 Rotated embedding tables live under ``<workdir>/derived/rot<deg>``, DBA's augmented vectors
-(fp16, one file per unit of the index) under ``<workdir>/derived/dba/<build>-k<k>-a<alpha>``;
+(one .npy per unit of the index, float32) under ``<workdir>/derived/dba/<build>-k<k>-a<alpha>``;
 both are rebuilt when their inputs change.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def ensure_rotated(spark: SparkSession, config: Config, rotation: int) -> str:
 
 @dataclass
 class DbaStore:
-    """The augmented vectors of an index build: one fp16 ``.npy`` per unit, in store order."""
+    """The augmented vectors of an index build: one ``.npy`` per unit, in store order."""
 
     folder: str
     units: list
@@ -130,7 +130,7 @@ def ensure_dba(spark: SparkSession, config: Config, info, self_search: Callable[
     Each vector becomes the alpha-weighted sum of its ``dba_k`` nearest neighbours (itself
     included), taken from the candidates of the raw all-pairs search (``candidates``, or a
     search of ``dba_k`` run here when the store is stale and none is given). One task per
-    unit gathers the neighbours from the fp16 stores; no second index is built: search
+    unit gathers the neighbours from the stores; no second index is built: search
     re-scores the raw index's candidates with these vectors (:func:`allpairs.finish`).
     ``self_search(k)`` runs that search (passed in: this module does not import the caller).
     """
@@ -168,7 +168,7 @@ def _augmenter(candidates, store: DbaStore, units: list[dict], raw_files, k: int
                     continue
                 _, shards, pos, sims = allpairs.load_candidates(candidates, int(u))
                 shards, pos, sims = shards[:, :k], pos[:, :k], np.where(pos[:, :k] >= 0, sims[:, :k], 0.0)
-                out = np.empty((unit.ok, dim), dtype=np.float16)
+                out = np.empty((unit.ok, dim), dtype=vs.STORE_DTYPE)
                 for a in range(0, unit.ok, allpairs.RESCORE_ROWS):
                     b = min(a + allpairs.RESCORE_ROWS, unit.ok)
                     neighbors = vs.gather(raw_files, shards[a:b], pos[a:b], dim).reshape(b - a, -1, dim)

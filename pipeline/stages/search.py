@@ -1,8 +1,8 @@
 """Stage 4a: kNN search of query embeddings against the sharded index.
 
 The search runs in Spark: each task holds one block of queries and ONE index shard (loaded
-once per Python worker). The all-pairs search of the indexed table reads its queries straight
-from Parquet and merges per-shard lists in its tasks (:mod:`pipeline.stages.allpairs`); given
+once per Python worker). The all-pairs search of the indexed table reads its queries from
+the index's vector stores and merges per-shard lists in its tasks (:mod:`pipeline.stages.allpairs`); given
 queries go through Spark rows and their per-shard lists are merged in Spark. Only (query,
 neighbour, similarity) rows leave the executors; no step gathers the embeddings on the driver.
 """
@@ -34,13 +34,13 @@ MIN_CANDIDATES = 16
 def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataFrame | None = None) -> DataFrame:
     """Top-``k`` neighbours (self included) of every query embedding, as NEIGHBORS_TABLE rows.
 
-    ``queries`` defaults to the indexed embedding table itself (all-pairs search, read
-    straight from its Parquet units: :mod:`pipeline.stages.allpairs`). The re-ranking
+    ``queries`` defaults to the indexed vectors themselves (all-pairs search, read from the
+    index's vector stores unit by unit: :mod:`pipeline.stages.allpairs`). The re-ranking
     options of ``dedup.*`` apply here, so ``dedup`` and ``evaluate`` agree:
 
     * ``dba_k > 1``: database-side augmentation. ONE raw search gives every query its
       candidates; each database vector is replaced by the alpha-weighted sum of its ``dba_k``
-      best candidates (fp16 vectors under ``<workdir>/derived/dba``, rebuilt when the index
+      best candidates (vectors under ``<workdir>/derived/dba``, rebuilt when the index
       changes); the candidates are then re-scored exactly with those vectors, so the
       similarity is the true cosine of the augmented vectors (all-pairs: query augmented
       too; given queries: as they are, against the augmented database);
@@ -53,6 +53,7 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
     d = config.dedup
     workdir = storage.Workdir.of(config.workdir)
     info = ix.IndexInfo.load(workdir.index_dir(config.embed.backbone))
+    info.require_layout()
     dba = d.dba_k > 1
     k_search = max(k, MIN_CANDIDATES) if dba else k
     folder = allpairs.new_folder(config.workdir)
@@ -60,26 +61,30 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
     def self_search(kk: int):
         return allpairs.self_search(spark, info, config.index, kk, f"{folder}/k{kk}")
 
-    store = None
+    # Candidates are re-scored with stored vectors: DBA's, else the raw ones (an exact cosine
+    # whatever the index's compression: calibrated scores and the incremental dedup need it).
+    # Hamming similarities of binary hashes are exact already.
+    exact = info.meta.get("metric", "inner_product") == "inner_product"
+    vectors_of = allpairs.raw_files(info) if exact else None
     if queries is None:
         candidates = self_search(k_search)
         if dba:
-            store = rerank.ensure_dba(spark, config, info, self_search, candidates)
-        result = allpairs.finish(spark, info, candidates, k, store.files_of() if store else None)
+            vectors_of = rerank.ensure_dba(spark, config, info, self_search, candidates).files_of()
+        result = allpairs.finish(spark, info, candidates, k, vectors_of)
         if d.qe_k > 0 or d.rotations:
             queries = tables.read_table(spark, workdir.embeddings(config.embed.backbone), "embedding table")
     else:
         if dba:
-            store = rerank.ensure_dba(spark, config, info, self_search)
+            vectors_of = rerank.ensure_dba(spark, config, info, self_search).files_of()
         result = None
     if queries is not None:
         queries = queries.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING) \
             if S.STATUS in queries.columns else queries.select(S.IMAGE_ID, S.EMBEDDING)
     if result is None:
-        result = _search(spark, config, info, k, queries, store, k_search)
+        result = _search(spark, config, info, k, queries, vectors_of, k_search)
     if d.qe_k > 0:
         expanded = rerank.expand_queries(spark, config, queries, result, d.qe_k, d.qe_alpha)
-        result = _search(spark, config, info, k, expanded, store, k_search)
+        result = _search(spark, config, info, k, expanded, vectors_of, k_search)
     # Rotated queries are merged last, so query expansion never discards a rotated match.
     rotations = [r for r in d.rotations if r != 0]
     if rotations and not tables.is_committed(spark, workdir.images):
@@ -91,19 +96,19 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
             rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
             rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
             rotated = rotated.join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
-            result = result.unionByName(_search(spark, config, info, k, rotated, store, k_search))
+            result = result.unionByName(_search(spark, config, info, k, rotated, vectors_of, k_search))
         result = _best_per_neighbor(result, k)
     return result
 
 
 def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, queries: DataFrame,
-            store=None, k_search: int | None = None) -> DataFrame:
+            vectors_of=None, k_search: int | None = None) -> DataFrame:
     """Top-``k`` neighbours of every query row over every index shard, as NEIGHBORS_TABLE rows.
 
     Each task holds one query partition and ONE shard (``index.query_block`` queries searched
     at a time), so its memory is bounded by the shard size (planned from ``index.max_memory``)
-    and the block, never by N. With a DBA ``store``, the shard's ``k_search`` candidates are
-    re-scored with the augmented vectors before its top k is kept. Per-shard lists are merged
+    and the block, never by N. With ``vectors_of`` (the DBA store, or the raw store), the
+    shard's ``k_search`` candidates are re-scored with those vectors before its top k is kept. Per-shard lists are merged
     in Spark.
     """
     queries = queries.select(S.IMAGE_ID, S.EMBEDDING)
@@ -112,14 +117,15 @@ def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, que
     if queries.rdd.getNumPartitions() < wanted:
         queries = queries.repartition(wanted)
 
-    build_id = info.meta.get("build_id", info.meta["created_at"])
+    build_id, stores = info.build_id, info.store_ids()
     k = min(k, info.meta["count"])
     k_search = min(max(k, k_search or k), info.meta["count"])
     shards = [s["shard"] for s in info.meta["shards"]]
-    rescoring = (store.files_of(), int(info.meta["dimension"])) if store is not None else None
+    rescoring = (vectors_of, int(info.meta["dimension"])) if vectors_of is not None else None
     schema = "query_id string, faiss_id long, rank int, similarity float"
     # Shard-major union: tasks of one shard run together, so each worker loads a shard once.
-    parts = [queries.mapInPandas(_shard_searcher(info.path, build_id, shard, settings, k, k_search, rescoring),
+    parts = [queries.mapInPandas(_shard_searcher(info.path, build_id, stores[shard], shard, settings, k, k_search,
+                                                 rescoring),
                                  schema=schema)
              for shard in shards]
     raw = parts[0]
@@ -133,7 +139,8 @@ def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, que
     return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
 
 
-def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int, k_search: int, rescoring):
+def _shard_searcher(index_path: str, build_id: str, store_id: str, shard: int, settings, k: int, k_search: int,
+                    rescoring):
     block = settings.query_block
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -146,23 +153,23 @@ def _shard_searcher(index_path: str, build_id: str, shard: int, settings, k: int
             size += len(batch)
             if size >= block:
                 yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
-                                    build_id, rescoring)
+                                    store_id, rescoring)
                 pending, size = [], 0
         if size:
             yield _search_block(index, pd.concat(pending, ignore_index=True), k, k_search, index_path, shard,
-                                build_id, rescoring)
+                                store_id, rescoring)
 
     return search
 
 
 def _search_block(index, part: pd.DataFrame, k: int, k_search: int, index_path: str, shard: int,
-                  build_id: str, rescoring) -> pd.DataFrame:
+                  store_id: str, rescoring) -> pd.DataFrame:
     vectors = np.stack(part[S.EMBEDDING].to_numpy()).astype(np.float32)
     sims, ids = faiss_index.search_shard(index, vectors, k_search if rescoring else k)
     sims, ids = faiss_index.merge_topk([sims], [ids], k_search if rescoring else k)  # sorted, -1 padding last
     if rescoring is not None:
         files_of, dim = rescoring
-        pos = vs.positions(index_path, shard, build_id, ids)
+        pos = vs.positions(index_path, shard, store_id, ids)
         sims = allpairs.rescore(vectors, files_of, np.full(pos.shape, shard), pos, dim)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         sims, ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)

@@ -136,7 +136,7 @@ def test_dba_from_one_raw_search_equals_exact_dba(spark, table, index_type, over
     got = _pairs(spark, cfg)
     found = set(got) & set(truth)
     assert len(found) / len(truth) >= 0.98, (len(found), len(truth))
-    # fp16 stores, and IVF may find another third neighbour for a vector: cosines within 5e-3.
+    # IVF may find another third neighbour for a vector: cosines within 5e-3.
     near = {(ids[i], ids[j]) for i, j in exact_pairs(augmented, THRESHOLD - 5e-3)}
     assert set(got) <= near, sorted(set(got) - near)[:5]
     assert max(abs(got[p] - truth[p]) for p in found) <= 5e-3
