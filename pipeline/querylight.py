@@ -3,9 +3,10 @@
 Imports no PySpark: the files are listed and read here (:mod:`pipeline.core.listing`,
 :func:`pipeline.core.imageio.probe`, as the ingest stage does), embedded by the encoder's own
 batch function (:meth:`~pipeline.encoders.base.Encoder.embed_function`, the embed stage's, so
-the vectors are the same), and searched against the archive's files: the FAISS shards and id
-map of ``index/<tag>/`` and, with re-ranking, the per-image state of the last dedup
-(``incremental/<tag>/``, its augmented vectors). Tables are read with pyarrow.
+the vectors are the same), and searched against the archive's files: the FAISS shards, id
+map (hashed FAISS ids) and vector stores of ``index/<tag>/`` and, with re-ranking, the
+per-image state of the last dedup (``incremental/<tag>/``, its augmented vectors). Tables
+are read with pyarrow.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.config import Config
 from pipeline.core import calibration as cal_core
 from pipeline.core import faiss_index, imageio, matching, storage
 from pipeline.core import listing as L
+from pipeline.core import vector_store as vs
 from pipeline.encoders import registry
 
 log = logging.getLogger(__name__)
@@ -219,10 +221,17 @@ def query_variants(config: Config, archive: Archive, vectors: np.ndarray,
 
 
 def archive_raw_vectors(archive: Archive, ids: list[str]) -> dict[str, np.ndarray]:
-    """Raw embeddings of a few archive images from the embedding table: the id column is read
-    whole, the vector column only in the row groups that hold a wanted id."""
+    """Raw embeddings of a few archive images: from the index's vector stores (by hashed id,
+    a few page reads), else (an index without stores) from the embedding table: the id column
+    is read whole, the vector column only in the row groups that hold a wanted id."""
     import pyarrow.parquet as pq
 
+    if archive.meta.get("layout", 1) >= 2:  # pipeline.stages.index.LAYOUT (that module imports PySpark)
+        build = archive.meta.get("build_id", archive.meta.get("created_at"))
+        stores = {int(s["shard"]): s.get("store", build) for s in archive.meta["shards"]}
+        found = vs.lookup(archive.index_dir, stores, list(ids))
+        if len(found) == len(set(ids)):
+            return found
     wanted = set(ids)
     out: dict[str, np.ndarray] = {}
     fs, root = storage._arrow_fs(archive.workdir.embeddings(archive.method))

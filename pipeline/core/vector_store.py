@@ -284,6 +284,26 @@ def positions(index_dir: str, shard: int, build_id: str, ids: np.ndarray) -> np.
     return out
 
 
+def lookup(index_dir: str, stores: dict[int, str], image_ids: list[str]) -> dict[str, np.ndarray]:
+    """float32 stored vectors of a few images by image id (hashed, looked up shard by shard);
+    ids in no store are left out. ``stores``: shard -> the build id of its store."""
+    fids = faiss_ids(image_ids)
+    out: dict[str, np.ndarray] = {}
+    todo = np.ones(len(fids), dtype=bool)
+    for shard, store in sorted(stores.items()):
+        if not todo.any():
+            break
+        pos = positions(index_dir, shard, store, fids)
+        hit = np.nonzero((pos >= 0) & todo)[0]
+        if len(hit):
+            vectors = load_array(store_files(index_dir, shard, store)["vectors"])
+            order = hit[np.argsort(pos[hit], kind="stable")]  # sorted reads from the map
+            for i, v in zip(order, np.asarray(vectors[pos[order]], dtype=np.float32)):
+                out[image_ids[i]] = v
+            todo[hit] = False
+    return out
+
+
 def gather(files_of_shard, shards: np.ndarray, pos: np.ndarray, dim: int) -> np.ndarray:
     """float32 vectors at (shard, position) pairs; rows with position -1 are zeros.
 

@@ -137,3 +137,12 @@ def test_append_adds_a_shard_with_its_store_and_units(tmp_path):
     # An image already in the index cannot be appended again (its hashed id would repeat).
     with pytest.raises(RuntimeError, match="hashes to the FAISS id"):
         ix.append_to_index(config, again, ["new3"], new[3:4])
+
+
+def test_lookup_finds_vectors_by_image_id_across_shards(tmp_path):
+    ids, x, units, used, index_dir = _stores(tmp_path)
+    wanted = [ids[-1], ids[0], "not-indexed", ids[len(ids) // 2]]
+    got = vs.lookup(index_dir, {s: "b1" for s in range(used)}, wanted)
+    assert set(got) == {ids[-1], ids[0], ids[len(ids) // 2]}
+    for i in (-1, 0, len(ids) // 2):
+        assert np.array_equal(got[ids[i]], x[i])
