@@ -140,3 +140,38 @@ def test_dba_from_one_raw_search_equals_exact_dba(spark, table, index_type, over
     near = {(ids[i], ids[j]) for i, j in exact_pairs(augmented, THRESHOLD - 5e-3)}
     assert set(got) <= near, sorted(set(got) - near)[:5]
     assert max(abs(got[p] - truth[p]) for p in found) <= 5e-3
+
+
+def _write_embeddings(spark, config, ids, vectors, parts):
+    frame = pd.DataFrame({S.IMAGE_ID: ids, S.CONTENT_SHA256: None, S.BACKBONE: config.embed.backbone,
+                          S.EMBEDDING: list(vectors), S.STATUS: S.STATUS_OK, S.ERROR: None})
+    df = spark.createDataFrame(frame, S.EMBEDDING_TABLE).repartition(parts)
+    tables.write_table(df, storage.Workdir.of(config.workdir).embeddings(config.embed.backbone))
+
+
+def test_append_then_all_pairs_after_the_table_is_rewritten(spark, tmp_path):
+    """The incremental dedup's append (one more shard, hashed ids, its own store), then the
+    embedding table rewritten (the incremental embed replaces its files): the all-pairs search
+    reads the stores, so it finds exact search's pairs over old + new vectors, DBA included."""
+    from pipeline.core.rerank import database_side_augmentation
+
+    vectors, _ = near_copy_table(N, DIM, copy_fraction=0.1, seed=5)
+    ids = [f"img{i:05d}" for i in range(N)]
+    old = N - 60
+    config = make_config(tmp_path, dedup__rotations=[0], dedup__dba_k=0, dedup__qe_k=0, index__type="flat",
+                         index__shards=2, index__query_block=512)
+    _write_embeddings(spark, config, ids[:old], vectors[:old], 4)
+    info = ix.build_index(spark, config)
+    _write_embeddings(spark, config, ids, vectors, 3)  # new files: units.json names none of them
+    after = ix.append_to_index(config, info, ids[old:], vectors[old:])
+    assert after.meta["count"] == N and len(after.meta["shards"]) == len(info.meta["shards"]) + 1
+    truth = {(ids[i], ids[j]): s for (i, j), s in exact_pairs(vectors, THRESHOLD).items()}
+    assert any(b >= ids[old] for _, b in truth)  # pairs with appended images exist
+    assert _pairs(spark, config) == pytest.approx(truth, abs=1e-5)
+    sims = vectors @ vectors.T
+    knn = np.argsort(-sims, axis=1, kind="stable")[:, :3]
+    augmented = database_side_augmentation(vectors, knn, np.take_along_axis(sims, knn, axis=1), k=3, alpha=3.0)
+    dba_truth = {(ids[i], ids[j]): s for (i, j), s in exact_pairs(augmented, THRESHOLD).items()}
+    got = _pairs(spark, config.with_overrides(dedup__dba_k=3, dedup__dba_alpha=3.0))
+    found = set(got) & set(dba_truth)
+    assert len(found) / len(dba_truth) >= 0.98 and max(abs(got[p] - dba_truth[p]) for p in found) <= 1e-4
