@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_scale import git_info, machine  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.core import faiss_index, storage, synthetic  # noqa: E402
+from pipeline.core.calibration import Calibration, shipped, space_of  # noqa: E402
 
 
 def _write(table: pa.Table, folder: Path, meta: dict | None = None) -> None:
@@ -96,11 +97,22 @@ def build_archive(real: Path, out: Path, n: int, seed: int = 0) -> dict:
             "build_id": build_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (index_dir / "index.json").write_text(json.dumps(meta))
     empty = pa.array([[]] * n, pa.list_(pa.string()))
+    # Calibrated scores (the default) read each archive image's level from the state: its
+    # similarity to its 10th other neighbour, here from the index itself.
+    calibration = Calibration.load(shipped(space_of(False, True)))
+    t = time.perf_counter()
+    sims, found = index.search(vecs, calibration.rank + 1)
+    others = np.where(found == np.arange(n)[:, None], -np.inf, sims)
+    levels = np.sort(others, axis=1)[:, ::-1][:, calibration.rank - 1].astype(np.float64)
+    levels_seconds = time.perf_counter() - t
     _write(pa.table({"image_id": ids, "content_sha256": ids, "aug": flat, "dba_ids": empty,
-                     "dba_sims": pa.array([[]] * n, pa.list_(pa.float32())), "rot_90": flat, "rot_270": flat}),
-           work / "incremental" / "mobilenet", meta={"index_build_id": build_id, "count": n})
+                     "dba_sims": pa.array([[]] * n, pa.list_(pa.float32())), "rot_90": flat, "rot_270": flat,
+                     "level": pa.array(levels, pa.float64())}),
+           work / "incremental" / "mobilenet",
+           meta={"index_build_id": build_id, "count": n, "calibration": calibration.version})
     return {"n": n, "real_rows": len(real_ids), "index": plan.factory, "index_reason": plan.reason,
-            "index_build_seconds": train_seconds, "build_seconds": time.perf_counter() - started}
+            "index_build_seconds": train_seconds, "levels_seconds": levels_seconds,
+            "build_seconds": time.perf_counter() - started}
 
 
 def run_query(work: Path, queries: Path) -> dict:

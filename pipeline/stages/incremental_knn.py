@@ -110,6 +110,16 @@ def at_risk(sims: list, bound: float, level: float, calibration: cal_core.Calibr
 
 
 # ----------------------------------------------------------------- update
+def _batch_vectors(pdf: pd.DataFrame, d_index: dict, d_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A state batch's augmented vectors and ids, with D's new vectors in place of D members' old ones."""
+    aug = stack(pdf[AUG])
+    ids = pdf[S.IMAGE_ID].to_numpy()
+    for i, y in enumerate(ids):
+        if y in d_index:
+            aug[i] = d_aug[d_index[y]]
+    return aug, ids
+
+
 def _list_scan(d_ids: list[str], d_aug: np.ndarray, q_ids: list[str], q_variants: np.ndarray,
                rot_cols: list[str], k: int, merge_others: bool):
     """Per state batch: ``dir(q -> batch)`` top k+1 for each query q (kind "q"); with
@@ -123,11 +133,7 @@ def _list_scan(d_ids: list[str], d_aug: np.ndarray, q_ids: list[str], q_variants
         for pdf in batches:
             if not len(pdf):
                 continue
-            aug = stack(pdf[AUG])
-            ids = pdf[S.IMAGE_ID].to_numpy()
-            for i, y in enumerate(ids):
-                if y in d_index:
-                    aug[i] = d_aug[d_index[y]]
+            aug, ids = _batch_vectors(pdf, d_index, d_aug)
             rows = []
             if len(q_ids):
                 from_q = matching.directed_scores(q_variants, aug)
@@ -231,11 +237,7 @@ def _pair_scan(x_ids: list[str], x_variants: np.ndarray, x_aug: np.ndarray, x_le
         for pdf in batches:
             if not len(pdf):
                 continue
-            aug = stack(pdf[AUG])
-            ids = pdf[S.IMAGE_ID].to_numpy()
-            for i, y in enumerate(ids):
-                if y in d_index:
-                    aug[i] = d_aug[d_index[y]]
+            aug, ids = _batch_vectors(pdf, d_index, d_aug)
             variants = variants_of(aug, [pdf[c] for c in rot_cols])
             sims = matching.pair_scores(x_variants, x_aug, variants, aug)
             y_levels = np.array([levels.get(y, lv) for y, lv in zip(ids, pdf[LEVEL])], np.float64)

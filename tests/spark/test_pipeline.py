@@ -69,7 +69,10 @@ def test_pairs_and_groups_find_the_near_duplicates(spark, demo_run):
     assert len({(r[S.IMAGE_ID_A], r[S.IMAGE_ID_B]) for r in rows}) == len(rows)
     precision, recall = M.pair_precision_recall([(rel[r[S.IMAGE_ID_A]], rel[r[S.IMAGE_ID_B]]) for r in rows],
                                                 M.true_pairs(group_of))
-    assert precision >= 0.95 and recall >= 0.75, (precision, recall)
+    # Issue 11: the demo keeps 1.000 / 1.000 under the calibrated default (440 of 440 pairs on the
+    # development VM, OpenVINO bf16, 2026-11-30). Its weakest true pair scores 0.905, so a CPU
+    # without bf16 (fp32 there) may drop one or two at the 0.9 threshold: recall >= 0.99, no false pair.
+    assert precision == 1.0 and recall >= 0.99, (precision, recall)
 
     g = groups.collect()
     keepers = {}
