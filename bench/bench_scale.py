@@ -9,7 +9,7 @@ For each size N (``--sizes 100000,300000,1000000``; ``--sizes 20000`` is a quick
 2. ``python -m pipeline.cli index --workdir W`` and ``... dedup --workdir W`` run as
    subprocesses with the default configuration, plus ``--set dedup.rotations=[0]``: a pure
    embedding table has no pixels, so rotated query variants cannot be embedded;
-3. while each runs, its process tree is sampled every 0.2 s (psutil): the python process and
+3. while each runs, its process tree is sampled (RSS every 0.25 s, PSS every 2 s): the python process and
    its ``java`` child are the driver (local mode: the JVM also runs the executors), the
    ``pyspark.daemon`` processes are the Python workers. Peak memory is the peak of the summed
    proportional set size (PSS, so forked workers' shared pages count once), RSS too;
@@ -110,58 +110,90 @@ def classify(proc, root_pid: int, cache: dict) -> str:
 
 
 class TreeSampler(threading.Thread):
-    """Samples a process tree's memory every ``interval`` seconds; keeps the peaks per class."""
+    """Samples a process tree's memory; keeps the peaks per class.
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    RSS (``/proc/<pid>/statm``: cheap) every ``interval`` seconds, PSS (``smaps_rollup``: the
+    kernel walks the page tables) every ``pss_interval``. psutil's ``memory_full_info`` parses
+    the whole ``smaps`` of every process: at 0.2 s on a JVM and workers with memory-mapped
+    stores it took most of a core and slowed the jobs it measured about 2x (measured:
+    the 100k all-pairs search 87 s sampled that way, 31 s unsampled). The sampler's own CPU
+    time is reported, so its cost stays visible.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25, pss_interval: float = 2.0):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.pss_interval = pid, interval, pss_interval
         self.halt = threading.Event()
         self.peak_pss: dict[str, float] = defaultdict(float)
         self.peak_rss: dict[str, float] = defaultdict(float)
         self.max_workers = 0
         self.samples = 0
+        self.pss_samples = 0
+        self.cpu_s = 0.0
+
+    @staticmethod
+    def _pss(pid: int) -> float | None:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        return float(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
 
     def run(self) -> None:
         import psutil
 
+        started_cpu = time.thread_time()
         try:
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
         kinds: dict[int, str] = {}
+        last_pss = -1e9
         while not self.halt.is_set():
             try:
                 procs = [root] + root.children(recursive=True)
             except psutil.NoSuchProcess:
                 break
+            with_pss = time.monotonic() - last_pss >= self.pss_interval
+            if with_pss:
+                last_pss = time.monotonic()
             pss: dict[str, float] = defaultdict(float)
             rss: dict[str, float] = defaultdict(float)
             workers = 0
             for p in procs:
                 try:
                     kind = classify(p, self.pid, kinds)
-                    mem = p.memory_full_info()
+                    mem = p.memory_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                pss[kind] += getattr(mem, "pss", mem.rss)
                 rss[kind] += mem.rss
+                if with_pss:
+                    value = self._pss(p.pid)
+                    pss[kind] += mem.rss if value is None else value
                 workers += kind == "python_workers"
-            pss["driver"] = pss["driver_python"] + pss["driver_jvm"]
-            rss["driver"] = rss["driver_python"] + rss["driver_jvm"]
-            pss["total"], rss["total"] = sum(v for k, v in pss.items() if k not in ("driver", "total")), \
-                sum(v for k, v in rss.items() if k not in ("driver", "total"))
+            classes = [(rss, True)] + ([(pss, True)] if with_pss else [])
+            for values, _ in classes:
+                values["driver"] = values["driver_python"] + values["driver_jvm"]
+                values["total"] = sum(v for k, v in values.items() if k not in ("driver", "total"))
+            for k in rss:
+                self.peak_rss[k] = max(self.peak_rss[k], rss[k])
             for k in pss:
                 self.peak_pss[k] = max(self.peak_pss[k], pss[k])
-                self.peak_rss[k] = max(self.peak_rss[k], rss[k])
             self.max_workers = max(self.max_workers, workers)
             self.samples += 1
+            self.pss_samples += with_pss
+            self.cpu_s = time.thread_time() - started_cpu
             self.halt.wait(self.interval)
 
     def report(self) -> dict:
         keys = ("driver", "driver_python", "driver_jvm", "python_workers", "total")
         return {"peak_pss_mib": {k: round(self.peak_pss.get(k, 0.0) / MIB, 1) for k in keys},
                 "peak_rss_mib": {k: round(self.peak_rss.get(k, 0.0) / MIB, 1) for k in keys},
-                "max_python_workers": self.max_workers, "memory_samples": self.samples}
+                "max_python_workers": self.max_workers, "memory_samples": self.samples,
+                "pss_samples": self.pss_samples, "sampler_cpu_s": round(self.cpu_s, 2)}
 
 
 def job_env() -> dict:
@@ -404,6 +436,76 @@ def exact_pairs_of(vectors: np.ndarray, queries: np.ndarray, threshold: float, m
     return np.stack([a[first], b[first]], axis=1), sims[keep][first]
 
 
+def calibrated_reference(blocks, queries: np.ndarray, n: int, cal, threshold: float, margin: float = 0.02,
+                         probe_k: int = 64) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Exact pairs of the query rows scored the way ``dedup`` scores them (calibrated).
+
+    A pair's score is ``cal.probability(cosine, level_a, level_b)``, a row's level its cosine
+    to its ``cal.rank``-th nearest other row. The reference computes all of it exactly: the
+    query rows' exact top ``probe_k`` and levels, the partners that could reach
+    ``threshold - margin`` (the score falls with the pair's level, which is at least the
+    query's, so ``p(cos, level_q, level_q)`` bounds it), the partners' exact levels, then the
+    scores. ``blocks()`` yields the (float32) matrix in row order. Returns the pairs
+    (row_a < row_b) with score >= threshold - margin, their scores, and a completeness check.
+    """
+    import faiss
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    def rows_of(wanted: np.ndarray) -> np.ndarray:
+        out, at = [], 0
+        for v in blocks():
+            local = wanted[(wanted >= at) & (wanted < at + len(v))] - at
+            out.append(v[local])
+            at += len(v)
+        return np.concatenate(out)
+
+    def knn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = knn_ground_truth(rows_of(rows), blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+        return sims, ids
+
+    def levels_and_others(rows, sims, ids):
+        level = np.empty(len(rows))
+        others = []
+        for i, r in enumerate(rows):
+            keep = ids[i] != r
+            s, j = sims[i][keep], ids[i][keep]
+            level[i] = s[min(cal.rank, len(s)) - 1]
+            others.append((j, s))
+        return level, others
+
+    qset = np.sort(queries)
+    sims, ids = knn(qset, probe_k + 1)
+    level_q, others = levels_and_others(qset, sims, ids)
+    grid = np.linspace(-1.0, 1.0, 4001)
+    incomplete, cand_a, cand_b, cand_s = 0, [], [], []
+    for q, lq, (j, s) in zip(qset, level_q, others):
+        passes = cal.probability(grid, np.full_like(grid, lq), np.full_like(grid, lq)) >= threshold - margin
+        c_min = grid[np.argmax(passes)] if passes.any() else 2.0
+        if len(s) and s[-1] >= c_min:
+            incomplete += 1  # a pair beyond the probe could still pass: counted, not hidden
+        m = s >= c_min
+        cand_a.append(np.full(int(m.sum()), q))
+        cand_b.append(j[m])
+        cand_s.append(s[m])
+    qa, pb, cos = np.concatenate(cand_a), np.concatenate(cand_b), np.concatenate(cand_s)
+    partners = np.unique(pb)
+    level_of = dict(zip(qset.tolist(), level_q.tolist()))
+    if len(partners):
+        psims, pids = knn(partners, cal.rank + 2)
+        level_p, _ = levels_and_others(partners, psims, pids)
+        level_of.update(zip(partners.tolist(), level_p.tolist()))
+    la = np.array([level_of[a] for a in qa.tolist()])
+    lb = np.array([level_of[b] for b in pb.tolist()])
+    score = cal.probability(cos, la, lb)
+    keep = score >= threshold - margin
+    a, b = np.minimum(qa, pb)[keep], np.maximum(qa, pb)[keep]
+    _, first = np.unique(a * (n + 1) + b, return_index=True)
+    check = {"probe_k": probe_k, "queries_whose_probe_could_miss_a_pair": int(incomplete),
+             "partners": int(len(partners)), "candidate_pairs": int(len(qa)),
+             "median_query_level": float(np.median(level_q)) if len(level_q) else None}
+    return np.stack([a[first], b[first]], axis=1), score[keep][first], check
+
+
 def pair_metrics(found: np.ndarray, truth: np.ndarray, truth_sims: np.ndarray, queries: np.ndarray, n: int,
                  threshold: float) -> dict:
     """Recall and precision of ``found`` on pairs that involve a query row."""
@@ -478,7 +580,8 @@ def mlflow_metrics(workdir: Path) -> dict:
 
 
 # -------------------------------------------------------------- one size
-def bench_size(n: int, args, gen: synth.Generator, threshold: float, k: int, logs: Path) -> dict:
+def bench_size(n: int, args, gen: synth.Generator, threshold: float, k: int, logs: Path, calibration=None,
+               plain_threshold: float = 0.88) -> dict:
     result: dict = {"rows": n}
     workdir, result["table"] = make_table(args.cache, gen, n, args.seed, args.regenerate)
     result["workdir"] = str(workdir)
@@ -508,7 +611,7 @@ def bench_size(n: int, args, gen: synth.Generator, threshold: float, k: int, log
         print(f"[{n}] plain FAISS ...", flush=True)
         out = logs / f"{n}_plain_pairs.npz"
         cmd = [sys.executable, str(HERE / "plain_faiss.py"), "--table", str(table), "--out", str(out),
-               "--threshold", str(threshold), "--k", str(k)]
+               "--threshold", str(plain_threshold), "--k", str(k)]
         plain = run_monitored(cmd, logs / f"{n}_plain.log", args.timeout)
         if plain["ok"]:
             plain.update(json.loads(out.with_suffix(".json").read_text()))
@@ -521,30 +624,40 @@ def bench_size(n: int, args, gen: synth.Generator, threshold: float, k: int, log
     ids = table_ids(table)
     rng = np.random.default_rng(args.seed)
     queries = np.arange(n) if n <= args.exact_all_below else np.sort(rng.choice(n, args.recall_queries, replace=False))
-    truth, truth_sims = exact_pairs(table, queries, threshold)
-    accuracy = {"threshold": threshold, "queries": int(len(queries)), "all_pairs": bool(len(queries) == n),
-                "exact_seconds": None}
+    # Plain FAISS thresholds a raw cosine (it has no calibration, no DBA): its reference is exact
+    # search of the raw cosine at plain_threshold.
+    truth, truth_sims = exact_pairs(table, queries, plain_threshold)
+    accuracy = {"threshold": threshold, "score": "calibrated" if calibration is not None else "cosine",
+                "plain_cosine_threshold": plain_threshold, "queries": int(len(queries)),
+                "all_pairs": bool(len(queries) == n), "exact_seconds": None}
     pairs_dir = committed_table(workdir, "pairs")
     if ours["dedup"]["ok"] and pairs_dir is not None:
         found = read_pairs(pairs_dir, ids)
-        raw = pair_metrics(found, truth, truth_sims, queries, n, threshold) | \
-            planted_recall(found, workdir, n, threshold) | {"pairs_total": int(len(found))}
         augmented = dba_vectors(workdir, ids)
-        if augmented is None:
-            accuracy["ours"] = raw | {"reference": "exact search, raw cosines"}
+        space = "the job's DBA vectors" if augmented is not None else "the raw vectors"
+        if augmented is not None:
+            def blocks(block=25_000):
+                return (augmented[a:a + block].astype(np.float32) for a in range(0, len(augmented), block))
         else:
-            # With DBA (dedup.dba_k > 1) the pairs' similarity is the cosine of the augmented
-            # vectors: the reference is exact search over those same vectors.
-            dba_truth, dba_sims = exact_pairs_of(augmented, queries, threshold)
-            del augmented
-            accuracy["ours"] = pair_metrics(found, dba_truth, dba_sims, queries, n, threshold) | \
-                planted_recall(found, workdir, n, threshold) | {
-                    "pairs_total": int(len(found)), "reference": "exact search over the job's DBA vectors"}
-            accuracy["ours_vs_raw_cosine"] = raw
+            def blocks():
+                return (v for _, v in synth.iter_embedding_blocks(table))
+        if calibration is not None:
+            # The pairs table holds pairs whose calibrated score passes the threshold: the
+            # reference scores exact cosines with exact levels (exact kNN) in the same space.
+            ref, ref_scores, check = calibrated_reference(blocks, queries, n, calibration, threshold)
+            reference = f"exact kNN and calibrated scores over {space}"
+        else:
+            ref, ref_scores = exact_pairs_of(augmented, queries, threshold) if augmented is not None else \
+                exact_pairs(table, queries, threshold)
+            check, reference = {}, f"exact search over {space}"
+        del augmented
+        accuracy["ours"] = pair_metrics(found, ref, ref_scores, queries, n, threshold) | \
+            planted_recall(found, workdir, n, plain_threshold) | {
+                "pairs_total": int(len(found)), "reference": reference} | check
     if plain.get("ok"):
         found = np.load(logs / f"{n}_plain_pairs.npz")["pairs"]
-        accuracy["plain"] = pair_metrics(found, truth, truth_sims, queries, n, threshold) | \
-            planted_recall(found, workdir, n, threshold) | {"pairs_total": int(len(found))}
+        accuracy["plain"] = pair_metrics(found, truth, truth_sims, queries, n, plain_threshold) | \
+            planted_recall(found, workdir, n, plain_threshold) | {"pairs_total": int(len(found))}
     accuracy["exact_seconds"] = round(time.perf_counter() - started, 1)
     result["accuracy"] = accuracy
     result["ratios"] = ratios(ours, plain)
@@ -724,6 +837,9 @@ def main(argv=None) -> int:
                         help="sampled rows for exact search above --exact-all-below (>= 2000)")
     parser.add_argument("--exact-all-below", type=int, default=25_000, help="exact all-pairs up to this N")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per job before it counts as failed")
+    parser.add_argument("--plain-threshold", type=float, default=0.88,
+                        help="cosine threshold of plain FAISS (and of the planted-pair recall) when the jobs "
+                             "threshold a calibrated score (dedup.score: calibrated, the default)")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--regenerate", action="store_true", help="write the tables again even if cached")
@@ -745,6 +861,13 @@ def main(argv=None) -> int:
 
     config = Config.load(None, list(args.job_sets))
     threshold, k = config.dedup.threshold, config.dedup.k + 1  # +1: dedup's own k counts the query itself
+    calibration = None
+    if config.dedup.score == "calibrated":
+        from pipeline.core import calibration as cal_core
+
+        space = cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
+        calibration = cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space))
+    plain_threshold = threshold if calibration is None else args.plain_threshold
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     logs = args.cache / "logs" / stamp
     args.out.mkdir(parents=True, exist_ok=True)
@@ -765,14 +888,17 @@ def main(argv=None) -> int:
                                           "(dedup.rotations) cannot be embedded",
                      "effective_config": {"index": vars(config.index), "dedup": vars(config.dedup),
                                           "spark_master": config.spark.master},
-                     "threshold": threshold, "search_k": k, "recall_queries": args.recall_queries,
+                     "threshold": threshold, "plain_cosine_threshold": plain_threshold,
+                     "calibration": None if calibration is None else {"version": calibration.version,
+                                                                       "space": calibration.space},
+                     "search_k": k, "recall_queries": args.recall_queries,
                      "exact_all_below": args.exact_all_below, "timeout_s": args.timeout,
-                     "memory": "peak of the summed PSS of a job's process tree, sampled every 0.2 s; driver = the "
+                     "memory": "peak of the summed PSS (smaps_rollup, every 2 s) and RSS (every 0.25 s) of a job's process tree; driver = the "
                                "python process + its java child (local mode: the JVM runs the executors too), "
                                "workers = pyspark.daemon processes"},
         "generator": {"description": synth.__doc__, "fit": fit_report, "settings": synth.generator_settings(gen),
-                      "real": synth.real_statistics(real, threshold),
-                      "synthetic": synth.synthetic_statistics(gen, threshold, len(real["vectors"]), args.seed)},
+                      "real": synth.real_statistics(real, plain_threshold),
+                      "synthetic": synth.synthetic_statistics(gen, plain_threshold, len(real["vectors"]), args.seed)},
         "startup": None, "sizes": [],
     }
 
@@ -787,7 +913,7 @@ def main(argv=None) -> int:
         result["startup"] = measure_startup(logs, args.cache, gen, args.seed, args.job_sets, args.timeout)
         save()
     for n in sizes:
-        result["sizes"].append(bench_size(n, args, gen, threshold, k, logs))
+        result["sizes"].append(bench_size(n, args, gen, threshold, k, logs, calibration, plain_threshold))
         save()
     print(summary_table(result["sizes"]))
     if len(result["sizes"]) > 1 and png_path.exists():

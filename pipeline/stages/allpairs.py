@@ -80,6 +80,30 @@ def raw_files(info: ix.IndexInfo) -> FilesOf:
     return lambda shard: [(0, vs.store_files(path, shard, stores[shard])["vectors"])]
 
 
+def unit_groups(units: list, max_rows: int, parallelism: int) -> list[list[int]]:
+    """Consecutive units (their positions) searched together as one block of queries.
+
+    FAISS's list-by-list scan (big_batch_search) costs a fixed overhead per list and block,
+    so bigger blocks are faster: measured on 100k x 1024 fp16 vectors (IVF1024, one core),
+    425 us per query in blocks of 5,000, 181 us in blocks of 16,384, 152 us in 50,000. A
+    block holds at most ``max_rows`` queries (``index.query_block``: the memory bound), and
+    there are at least ``parallelism`` blocks when there are that many units.
+    """
+    ok = [i for i, u in enumerate(units) if u.ok]
+    total = sum(units[i].ok for i in ok)
+    cap = max(1, min(max_rows, -(-total // max(1, parallelism))))
+    groups: list[list[int]] = []
+    rows = 0
+    for i in ok:
+        if groups and rows + units[i].ok <= cap:
+            groups[-1].append(i)
+            rows += units[i].ok
+        else:
+            groups.append([i])
+            rows = units[i].ok
+    return groups
+
+
 def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings, k: int, folder: str) -> Candidates:
     """Every indexed vector searched against every shard: top-``k`` candidates files (pass 1)."""
     units = ix.load_units(info)
@@ -88,39 +112,45 @@ def self_search(spark: SparkSession, info: ix.IndexInfo, settings: IndexSettings
     cands = Candidates(folder, k, n_shards, units)
     started = time.perf_counter()
     unit_dicts = [u.as_dict() for u in units]
-    tasks = len(units) * n_shards
+    groups = unit_groups(units, settings.query_block, spark.sparkContext.defaultParallelism)
+    tasks = len(groups) * n_shards
     # Shard-major task order: the tasks of one shard run together, a worker loads it once.
-    spark.range(0, tasks, numPartitions=tasks).mapInPandas(
-        _searcher(info.path, info.build_id, info.store_ids(), settings, unit_dicts, cands),
+    spark.range(0, tasks, numPartitions=max(1, tasks)).mapInPandas(
+        _searcher(info.path, info.build_id, info.store_ids(), settings, unit_dicts, groups, cands),
         schema="unit int, shard int, rows long").collect()
-    log.info("searched %d units x %d shards (k=%d) in %.1fs", len(units), n_shards, k, time.perf_counter() - started)
+    log.info("searched %d units in %d blocks x %d shards (k=%d) in %.1fs", len(units), len(groups), n_shards, k,
+             time.perf_counter() - started)
     return cands
 
 
 def _searcher(index_path: str, build_id: str, stores: dict[int, str], settings: IndexSettings, units: list[dict],
-              cands: Candidates):
-    n_units = len(units)
+              groups: list[list[int]], cands: Candidates):
+    n_groups = len(groups)
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         ix.set_task_threads()
         for batch in batches:
             for task in batch["id"].to_numpy():
-                shard, u = divmod(int(task), n_units)
-                unit = vs.Unit(**units[u])
-                if not unit.ok:
-                    continue
-                _, x = vs.read_stored(index_path, unit, stores[unit.shard])
+                shard, g = divmod(int(task), n_groups)
+                members = [vs.Unit(**units[u]) for u in groups[g]]
+                x = np.concatenate([vs.read_stored(index_path, unit, stores[unit.shard])[1] for unit in members])
                 index = faiss_index.load_shard(ix.shard_file(index_path, shard), build_id, settings)
                 sims, ids = faiss_index.search_shard(index, x, cands.k)
                 sims, ids = faiss_index.merge_topk([sims], [ids], cands.k)  # sorted, -1 padding last
                 pos = vs.positions(index_path, shard, stores[shard], ids)
-                _save_npz(cands.file(u, shard), ids=ids, pos=pos, sims=np.clip(sims, -1.0, 1.0).astype(np.float32))
-                yield pd.DataFrame({"unit": [u], "shard": [shard], "rows": [len(x)]})
+                sims = np.clip(sims, -1.0, 1.0).astype(np.float32)
+                at = 0
+                for u, unit in zip(groups[g], members):
+                    part = slice(at, at + unit.ok)
+                    save_npz(cands.file(u, shard), ids=ids[part], pos=pos[part], sims=sims[part])
+                    at += unit.ok
+                yield pd.DataFrame({"unit": groups[g], "shard": [shard] * len(members),
+                                    "rows": [unit.ok for unit in members]})
 
     return search
 
 
-def _save_npz(uri: str, **arrays) -> None:
+def save_npz(uri: str, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     storage.write_bytes(uri, buf.getvalue())

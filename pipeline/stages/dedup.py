@@ -50,12 +50,22 @@ def neighbour_levels(neighbors: DataFrame, rank: int) -> DataFrame:
             .select(F.col(S.QUERY_ID).alias(S.IMAGE_ID), F.col(S.SIMILARITY).cast("double").alias(LEVEL)))
 
 
-def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_core.Calibration) -> DataFrame:
+def levels_of_lists(lists: DataFrame, rank: int) -> DataFrame:
+    """:func:`neighbour_levels` from :func:`neighbour_lists`' lists (no second shuffle of the rows)."""
+    sims = F.col(KNN_SIMS)
+    level = F.when(F.size(sims) == 0, F.lit(-1.0)).otherwise(
+        F.element_at(sims, F.least(F.lit(int(rank)), F.size(sims))).cast("double"))
+    return lists.select(S.IMAGE_ID, level.alias(LEVEL))
+
+
+def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_core.Calibration,
+                levels: DataFrame | None = None) -> DataFrame:
     """Add :data:`SCORE`: :meth:`pipeline.core.calibration.Calibration.probability` in Spark.
 
-    The levels come from the same kNN lists as the pairs: no extra search, one shuffle.
+    The levels come from the same kNN lists as the pairs (``levels``, or computed from
+    ``neighbors``): no extra search.
     """
-    levels = neighbour_levels(neighbors, calibration.rank)
+    levels = neighbour_levels(neighbors, calibration.rank) if levels is None else levels
     # Renamed copies, not one frame joined twice: Spark mis-resolves such self-joins.
     la = levels.select(F.col(S.IMAGE_ID).alias("_a"), F.col(LEVEL).alias("_la"))
     lb = levels.select(F.col(S.IMAGE_ID).alias("_b"), F.col(LEVEL).alias("_lb"))
@@ -137,6 +147,24 @@ def groups_with_keep(components: DataFrame, images: DataFrame, policy: str = "pi
 
 
 HISTOGRAM_BINS = 200  # similarity histogram over [-1, 1] in steps of 0.01
+
+
+def similarity_histograms(candidates: DataFrame, columns: Sequence[str]) -> list[dict[str, int]]:
+    """:func:`similarity_histogram` of several columns from one pass over the candidates."""
+    from collections import Counter
+
+    width = 2.0 / HISTOGRAM_BINS
+    bins = [F.least(F.floor((F.col(c) + 1.0) / width), F.lit(HISTOGRAM_BINS - 1)).cast("int").alias(f"_b{i}")
+            for i, c in enumerate(columns)]
+    rows = candidates.groupBy(*bins).count().collect()  # at most HISTOGRAM_BINS ** len(columns) rows
+    out = []
+    for i in range(len(columns)):
+        counts: Counter = Counter()
+        for r in rows:
+            if r[f"_b{i}"] is not None:
+                counts[r[f"_b{i}"]] += int(r["count"])
+        out.append({f"{-1.0 + b * width:.2f}": n for b, n in sorted(counts.items())})
+    return out
 
 
 def similarity_histogram(candidates: DataFrame, column: str = S.SIMILARITY) -> dict[str, int]:
@@ -256,27 +284,34 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     # Every kNN candidate pair, kept for the histogram of the report (where the threshold falls
     # in the distribution), then thresholded into the pairs table.
     candidates = pairs_from_neighbors(neighbors, -1.0)
+    persisted: list[DataFrame] = []
     try:
         if calibrated:
             calibration = load_calibration(config)
             threshold = d.threshold
-            candidates = score_pairs(candidates, neighbors, calibration).persist(StorageLevel.MEMORY_AND_DISK)
+            # Each image's list, once: its level for the scores, and the incremental state's lists.
+            lists = neighbour_lists(neighbors, d.k).persist(StorageLevel.MEMORY_AND_DISK)
+            persisted.append(lists)
+            candidates = score_pairs(candidates, neighbors, calibration, levels_of_lists(lists, calibration.rank))
+            candidates = candidates.persist(StorageLevel.MEMORY_AND_DISK)
             column = SCORE
+            cosines, scores = similarity_histograms(candidates, [S.SIMILARITY, SCORE])
             meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
-                         "calibration_rank": calibration.rank,
-                         "cosine_histogram": similarity_histogram(candidates)})
+                         "calibration_rank": calibration.rank, "cosine_histogram": cosines, "histogram": scores})
             if d.incremental != "never" and d.qe_k == 0:
-                tables.write_table(neighbour_lists(neighbors, d.k), workdir.neighbors(method),
-                                   metadata={"k": d.k})
+                tables.write_table(lists, workdir.neighbors(method), metadata={"k": d.k})
         else:
             threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
             candidates = candidates.withColumn(SCORE, F.lit(None).cast("float")).persist(StorageLevel.MEMORY_AND_DISK)
             column = S.SIMILARITY
-        meta.update({"threshold": threshold, "histogram": similarity_histogram(candidates, column)})
+            meta["histogram"] = similarity_histogram(candidates, column)
+        meta["threshold"] = threshold
         tables.write_table(candidates.where(F.col(column) >= threshold), workdir.pairs(method), metadata=meta)
     finally:
         candidates.unpersist()
         neighbors.unpersist()
+        for frame in persisted:
+            frame.unpersist()
     counts = write_groups(spark, config, threshold, meta["score"])
     log.info("dedup %s at %s threshold %.3f: %s", method, meta["score"], threshold, counts)
     return counts

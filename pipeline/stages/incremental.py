@@ -30,6 +30,7 @@ artifact included), the full path runs and the log says why.
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any, Iterator
@@ -48,7 +49,6 @@ from pipeline.stages import embed as em
 from pipeline.stages import incremental_knn as knn
 from pipeline.stages import index as ix
 from pipeline.stages import progress, rerank, steps, tables, tracking
-from pipeline.stages.search import search_neighbors
 from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
@@ -122,37 +122,20 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
 
 
 # ------------------------------------------------------------------ state
-def _augment_groups(alpha: float):
-    def run(pdf: pd.DataFrame) -> pd.DataFrame:
-        pdf = pdf.sort_values([S.SIMILARITY, S.NEIGHBOR_ID], ascending=[False, True])
-        vectors = knn.stack(pdf["vector"])[None]
-        sims = pdf[S.SIMILARITY].to_numpy(np.float32)
-        aug = matching.augment(vectors, sims[None], alpha)[0]
-        return pd.DataFrame({S.IMAGE_ID: [pdf[S.QUERY_ID].iloc[0]], AUG: [aug],
-                             DBA_IDS: [list(pdf[S.NEIGHBOR_ID])], DBA_SIMS: [list(sims)]})
-
-    return run
-
-
 def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
     """The per-image state of the dedup just done: augmented vector, DBA list, rotated embeddings.
 
-    DBA lists come from one raw self-search with ``dba_k`` neighbours (:func:`search_neighbors`
-    with re-ranking off), rotated embeddings from the tables the full dedup just made.
+    The augmented vectors and their DBA lists are the ones the dedup searched with, read
+    from the DBA store of this index build (:func:`pipeline.stages.rerank.ensure_dba`; one
+    task per unit, no second search); rotated embeddings from the tables the dedup made.
     """
     config = registry.encoder_for(config).search_config()
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     emb = _ok_embeddings(spark, config)
+    index = ix.IndexInfo.load(workdir.index_dir(method))
     if dba_on(config):
-        raw = config.with_overrides(dedup__dba_k=0, dedup__rotations=[0], dedup__qe_k=0)
-        lists = search_neighbors(spark, raw, config.dedup.dba_k, queries=emb.select(S.IMAGE_ID, S.EMBEDDING, F.lit(S.STATUS_OK).alias(S.STATUS)))
-        vectors = emb.select(F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID), F.col(S.EMBEDDING).alias("vector"))
-        aug = (lists.join(vectors, S.NEIGHBOR_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.SIMILARITY, "vector")
-               .groupBy(S.QUERY_ID).applyInPandas(
-                   _augment_groups(float(config.dedup.dba_alpha)),
-                   schema=f"{S.IMAGE_ID} string, {AUG} array<float>, {DBA_IDS} array<string>, {DBA_SIMS} array<float>"))
-        state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256).join(aug, S.IMAGE_ID)
+        state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256).join(_dba_state(spark, config, index), S.IMAGE_ID)
     else:
         state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256, F.col(S.EMBEDDING).alias(AUG),
                            F.array().cast("array<string>").alias(DBA_IDS), F.array().cast("array<float>").alias(DBA_SIMS))
@@ -160,12 +143,54 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
         rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
         rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, F.col(S.EMBEDDING).alias(rot_column(r)))
         state = state.join(rotated, S.IMAGE_ID, "left")
-    index = ix.IndexInfo.load(workdir.index_dir(method))
     meta = {**fingerprint(config, threshold), "index_build_id": index.meta.get("build_id"), "count": index.meta["count"]}
     if dd.uses_calibration(config):
         state, meta["unlisted_risk"] = knn.with_lists(spark, config, state, int(index.meta["count"]),
                                                       dd.load_calibration(config), threshold)
     tables.write_table(state, workdir.incremental(method), metadata=meta)
+
+
+def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> DataFrame:
+    """(image id, augmented vector, DBA list as image ids, its similarities) of every indexed image,
+    from the DBA store (the store of this build; built here if the dedup did not)."""
+    store = rerank.ensure_dba(spark, config, index, lambda kk: _raw_self_search(spark, config, index, kk))
+    units = [u.as_dict() for u in store.units]
+    stores = index.store_ids()
+    path = index.path
+
+    def rows(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pipeline.core import vector_store as vs
+
+        for batch in batches:
+            for u in batch["id"].to_numpy():
+                unit = vs.Unit(**units[int(u)])
+                if not unit.ok:
+                    continue
+                own = np.asarray(vs.load_array(vs.store_files(path, unit.shard, stores[unit.shard])["ids"])
+                                 [unit.offset:unit.offset + unit.ok], dtype=np.int64)
+                aug = np.load(io.BytesIO(storage.read_bytes(store.file(int(u)))))
+                ids, sims = store.lists(int(u))
+                keep = ids >= 0
+                yield pd.DataFrame({S.FAISS_ID: own, AUG: list(aug.astype(np.float32)),
+                                    "dba_fids": [i[m] for i, m in zip(ids, keep)],
+                                    DBA_SIMS: [v[m] for v, m in zip(sims, keep)]})
+
+    listed = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
+        rows, schema=f"{S.FAISS_ID} long, {AUG} array<float>, dba_fids array<long>, {DBA_SIMS} array<float>")
+    idmap = spark.read.parquet(f"{path}/idmap").select(S.FAISS_ID, S.IMAGE_ID)
+    # The lists name FAISS ids: to image ids through the id map, keeping each list's order.
+    named = (listed.select(S.FAISS_ID, F.posexplode("dba_fids").alias("pos", "nfid"))
+             .join(idmap.select(F.col(S.FAISS_ID).alias("nfid"), F.col(S.IMAGE_ID).alias("nid")), "nfid")
+             .groupBy(S.FAISS_ID).agg(F.sort_array(F.collect_list(F.struct("pos", "nid"))).alias("l"))
+             .select(S.FAISS_ID, F.col("l.nid").alias(DBA_IDS)))
+    return (listed.join(idmap, S.FAISS_ID).join(named, S.FAISS_ID, "left")
+            .select(S.IMAGE_ID, AUG, F.coalesce(DBA_IDS, F.array().cast("array<string>")).alias(DBA_IDS), DBA_SIMS))
+
+
+def _raw_self_search(spark: SparkSession, config: Config, index: ix.IndexInfo, k: int):
+    from pipeline.stages import allpairs
+
+    return allpairs.self_search(spark, index, config.index, k, f"{allpairs.new_folder(config.workdir)}/k{k}")
 
 
 # --------------------------------------------------------------- decision

@@ -113,6 +113,17 @@ class DbaStore:
     def file(self, unit: int) -> str:
         return f"{self.folder}/aug_{unit:05d}.npy"
 
+    def lists_file(self, unit: int) -> str:
+        """The unit's DBA lists: the FAISS ids and similarities each augmented vector was summed from."""
+        return f"{self.folder}/lists_{unit:05d}.npz"
+
+    def lists(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(FAISS ids, similarities) of the unit's DBA lists, best first (-1: no neighbour)."""
+        import io
+
+        with np.load(io.BytesIO(storage.read_bytes(self.lists_file(unit)))) as f:
+            return f["ids"], f["sims"]
+
     def files_of(self):
         """``shard -> [(first position, file)]`` for :func:`pipeline.core.vector_store.gather`."""
         parts: dict[int, list] = {}
@@ -138,7 +149,8 @@ def ensure_dba(spark: SparkSession, config: Config, info, self_search: Callable[
     build_id = info.meta.get("build_id", info.meta["created_at"])
     units = ix.load_units(info)
     parent = storage.Workdir.of(config.workdir).derived("dba")
-    folder = parent.join(f"{build_id}-k{d.dba_k}-a{d.dba_alpha:g}")
+    # -l: the store keeps its DBA lists too (the incremental state is written from them).
+    folder = parent.join(f"{build_id}-k{d.dba_k}-a{d.dba_alpha:g}-l")
     store = DbaStore(folder, units)
     marker = f"{folder}/_SUCCESS"
     if storage.file_exists(marker):
@@ -166,8 +178,10 @@ def _augmenter(candidates, store: DbaStore, units: list[dict], raw_files, k: int
                 unit = vs.Unit(**units[int(u)])
                 if not unit.ok:
                     continue
-                _, shards, pos, sims = allpairs.load_candidates(candidates, int(u))
+                ids, shards, pos, sims = allpairs.load_candidates(candidates, int(u))
                 shards, pos, sims = shards[:, :k], pos[:, :k], np.where(pos[:, :k] >= 0, sims[:, :k], 0.0)
+                allpairs.save_npz(store.lists_file(int(u)), ids=np.where(pos >= 0, ids[:, :k], -1),
+                                  sims=sims.astype(np.float32))
                 out = np.empty((unit.ok, dim), dtype=vs.STORE_DTYPE)
                 for a in range(0, unit.ok, allpairs.RESCORE_ROWS):
                     b = min(a + allpairs.RESCORE_ROWS, unit.ok)
