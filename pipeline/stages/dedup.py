@@ -59,13 +59,15 @@ def levels_of_lists(lists: DataFrame, rank: int) -> DataFrame:
 
 
 def score_pairs(candidates: DataFrame, neighbors: DataFrame, calibration: cal_core.Calibration,
-                levels: DataFrame | None = None) -> DataFrame:
+                levels: DataFrame | None = None, images: int | None = None) -> DataFrame:
     """Add :data:`SCORE`: :meth:`pipeline.core.calibration.Calibration.probability` in Spark.
 
     The levels come from the same kNN lists as the pairs (``levels``, or computed from
     ``neighbors``): no extra search.
     """
     levels = neighbour_levels(neighbors, calibration.rank) if levels is None else levels
+    if images is not None:  # one level per image: a lookup table
+        levels = tables.lookup(levels, images)
     # Renamed copies, not one frame joined twice: Spark mis-resolves such self-joins.
     la = levels.select(F.col(S.IMAGE_ID).alias("_a"), F.col(LEVEL).alias("_la"))
     lb = levels.select(F.col(S.IMAGE_ID).alias("_b"), F.col(LEVEL).alias("_lb"))
@@ -277,10 +279,11 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     method = config.embed.backbone
     d = config.dedup
     neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
-    metric = ix.IndexInfo.load(workdir.index_dir(method)).meta.get("metric")
+    index_meta = ix.IndexInfo.load(workdir.index_dir(method)).meta
+    metric, images = index_meta.get("metric"), int(index_meta["count"])
     calibrated = uses_calibration(config)
     meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
-    neighbors = neighbors.persist(StorageLevel.MEMORY_AND_DISK)
+    neighbors = tables.sized(neighbors, images * (d.k + 1)).persist(StorageLevel.MEMORY_AND_DISK)
     # Every kNN candidate pair, kept for the histogram of the report (where the threshold falls
     # in the distribution), then thresholded into the pairs table.
     candidates = pairs_from_neighbors(neighbors, -1.0)
@@ -290,10 +293,11 @@ def dedup(spark: SparkSession, config: Config) -> dict:
             calibration = load_calibration(config)
             threshold = d.threshold
             # Each image's list, once: its level for the scores, and the incremental state's lists.
-            lists = neighbour_lists(neighbors, d.k).persist(StorageLevel.MEMORY_AND_DISK)
+            lists = tables.sized(neighbour_lists(neighbors, d.k), images).persist(StorageLevel.MEMORY_AND_DISK)
             persisted.append(lists)
-            candidates = score_pairs(candidates, neighbors, calibration, levels_of_lists(lists, calibration.rank))
-            candidates = candidates.persist(StorageLevel.MEMORY_AND_DISK)
+            candidates = score_pairs(candidates, neighbors, calibration, levels_of_lists(lists, calibration.rank),
+                                     images=images)
+            candidates = tables.sized(candidates, images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
             column = SCORE
             cosines, scores = similarity_histograms(candidates, [S.SIMILARITY, SCORE])
             meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
@@ -302,7 +306,8 @@ def dedup(spark: SparkSession, config: Config) -> dict:
                 tables.write_table(lists, workdir.neighbors(method), metadata={"k": d.k})
         else:
             threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
-            candidates = candidates.withColumn(SCORE, F.lit(None).cast("float")).persist(StorageLevel.MEMORY_AND_DISK)
+            candidates = tables.sized(candidates.withColumn(SCORE, F.lit(None).cast("float")),
+                                      images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
             column = S.SIMILARITY
             meta["histogram"] = similarity_histogram(candidates, column)
         meta["threshold"] = threshold

@@ -40,6 +40,9 @@ BASE_CONF = {
 }
 
 
+LOCAL_DRIVER_MEMORY = "2g"
+
+
 @contextlib.contextmanager
 def spark_session(config: Config) -> Iterator[SparkSession]:
     """Yield the active session if there is one, else a new one that is stopped afterwards."""
@@ -63,6 +66,12 @@ def spark_session(config: Config) -> Iterator[SparkSession]:
     conf = {k: v for k, v in BASE_CONF.items() if not submitted.contains(k)}
     if not submitted.contains("spark.sql.execution.arrow.maxRecordsPerBatch"):
         conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(config.embed.arrow_batch_rows)
+    if not _launched_by_spark_submit() and config.spark.master.startswith("local") \
+            and not submitted.contains("spark.driver.memory"):
+        # Local mode runs the executors inside the driver JVM: Spark's 1g default heap is
+        # too small for a shuffle of 100k 4 KB vectors (the incremental state's join failed
+        # with "Java heap space" at 100k rows); the suite runs with 2g too.
+        conf["spark.driver.memory"] = LOCAL_DRIVER_MEMORY
     conf.update({k: str(v) for k, v in config.spark.conf.items()})
     for key, value in conf.items():
         builder = builder.config(key, value)
