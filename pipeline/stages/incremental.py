@@ -115,7 +115,7 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
     if config.dedup.incremental != "never" and not encoder.binary and config.dedup.qe_k == 0:
         workdir = storage.Workdir.of(config.workdir)
         threshold = storage.read_metadata(workdir.pairs(config.embed.backbone)).get("threshold")
-        with timed("incremental_state", metrics):
+        with timed("incremental_state", metrics), tables.no_auto_broadcast(spark):
             write_state(spark, config, float(threshold))
     tracking.log_metrics(metrics)
     return metrics
@@ -135,7 +135,9 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
     emb = _ok_embeddings(spark, config)
     index = ix.IndexInfo.load(workdir.index_dir(method))
     if dba_on(config):
-        state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256).join(_dba_state(spark, config, index), S.IMAGE_ID)
+        n = int(index.meta["count"])
+        state = tables.lookup(emb.select(S.IMAGE_ID, S.CONTENT_SHA256), n).join(_dba_state(spark, config, index),
+                                                                                S.IMAGE_ID)
     else:
         state = emb.select(S.IMAGE_ID, S.CONTENT_SHA256, F.col(S.EMBEDDING).alias(AUG),
                            F.array().cast("array<string>").alias(DBA_IDS), F.array().cast("array<float>").alias(DBA_SIMS))
@@ -177,13 +179,15 @@ def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> Data
 
     listed = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
         rows, schema=f"{S.FAISS_ID} long, {AUG} array<float>, dba_fids array<long>, {DBA_SIMS} array<float>")
-    idmap = spark.read.parquet(f"{path}/idmap").select(S.FAISS_ID, S.IMAGE_ID)
+    n = int(index.meta["count"])
+    idmap = tables.lookup(spark.read.parquet(f"{path}/idmap").select(S.FAISS_ID, S.IMAGE_ID), n)
     # The lists name FAISS ids: to image ids through the id map, keeping each list's order.
     named = (listed.select(S.FAISS_ID, F.posexplode("dba_fids").alias("pos", "nfid"))
              .join(idmap.select(F.col(S.FAISS_ID).alias("nfid"), F.col(S.IMAGE_ID).alias("nid")), "nfid")
              .groupBy(S.FAISS_ID).agg(F.sort_array(F.collect_list(F.struct("pos", "nid"))).alias("l"))
              .select(S.FAISS_ID, F.col("l.nid").alias(DBA_IDS)))
-    return (listed.join(idmap, S.FAISS_ID).join(named, S.FAISS_ID, "left")
+    # The vectors stay where they are made: the id map and the named lists come to them.
+    return (listed.join(idmap, S.FAISS_ID).join(tables.lookup(named, n), S.FAISS_ID, "left")
             .select(S.IMAGE_ID, AUG, F.coalesce(DBA_IDS, F.array().cast("array<string>")).alias(DBA_IDS), DBA_SIMS))
 
 

@@ -22,9 +22,10 @@ FileSystem (the same one Spark uses); small files are in :mod:`pipeline.core.sto
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -202,3 +203,26 @@ def sized(frame: DataFrame, rows: int, per_partition: int = ROWS_PER_PARTITION) 
     estimate), and at least one partition per core."""
     cores = frame.sparkSession.sparkContext.defaultParallelism
     return frame.coalesce(max(cores, -(-int(rows) // max(1, per_partition))))
+
+
+@contextlib.contextmanager
+def no_auto_broadcast(spark: SparkSession) -> Iterator[None]:
+    """Joins without Spark's automatic broadcast, for a job whose rows carry vectors.
+
+    Adaptive execution broadcasts a side whose measured size is under its threshold; with
+    4 KB vectors and the local driver heap, building that table failed ("Not enough memory
+    to build and broadcast the table", the incremental state at 100k images). Explicit
+    broadcast hints (:func:`lookup`) still apply.
+    """
+    keys = ("spark.sql.autoBroadcastJoinThreshold", "spark.sql.adaptive.autoBroadcastJoinThreshold")
+    before = {k: spark.conf.get(k, None) for k in keys}
+    for k in keys:
+        spark.conf.set(k, "-1")
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
