@@ -740,6 +740,12 @@ def markdown_table(result: dict) -> str:
                 f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in timings.items()) +
                 (f"; plain FAISS: train {p['train_s']:.0f} s, add {p['add_s']:.0f} s, search {p['search_s']:.0f} s"
                  if p.get("ok") else "") + ".")
+    acc = (result["sizes"][0].get("accuracy") or {}) if result["sizes"] else {}
+    if acc.get("score") == "calibrated":
+        lines.append(f"\nRecall and precision of ours: the jobs' pairs (calibrated score >= {acc['threshold']}) against "
+                     "exact kNN, exact levels and the same calibrated scores over the job's DBA vectors "
+                     "(`calibrated_reference`); plain FAISS: raw cosine >= "
+                     f"{acc.get('plain_cosine_threshold')} against exact search of the raw cosine.")
     startup = result.get("startup") or {}
     if startup:
         lines.append("\nFixed costs (JSON `startup`): " + ", ".join(
