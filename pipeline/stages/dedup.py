@@ -293,7 +293,9 @@ def dedup(spark: SparkSession, config: Config) -> dict:
             calibration = load_calibration(config)
             threshold = d.threshold
             # Each image's list, once: its level for the scores, and the incremental state's lists.
-            lists = tables.sized(neighbour_lists(neighbors, d.k), images).persist(StorageLevel.MEMORY_AND_DISK)
+            # A list row holds k entries: partitions by entries, as the neighbour rows (1M images:
+            # 2 partitions of 500k lists ran out of the 2 GB local heap while being cached).
+            lists = tables.sized(neighbour_lists(neighbors, d.k), images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
             persisted.append(lists)
             candidates = score_pairs(candidates, neighbors, calibration, levels_of_lists(lists, calibration.rank),
                                      images=images)

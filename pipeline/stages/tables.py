@@ -179,8 +179,9 @@ def recover_table(spark: SparkSession, uri: str) -> None:
 # A lookup table of up to this many rows (the id map, the levels: an id and a number per
 # image) is broadcast to the tasks that join with it, instead of shuffling the millions of
 # neighbour rows on the other side (at 100k images the level join went from 30 s to a few
-# seconds). It passes through the driver: at most ~60 MB; above it, a shuffle join.
-BROADCAST_MAX_ROWS = 1_000_000
+# seconds). It passes through the driver, and the local-mode heap is 2 GB: at most 500k rows
+# (~30 MB); above it, a shuffle join.
+BROADCAST_MAX_ROWS = 500_000
 
 
 def lookup(frame: DataFrame, rows: int) -> DataFrame:
