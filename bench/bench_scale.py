@@ -174,8 +174,7 @@ class TreeSampler(threading.Thread):
                     value = self._pss(p.pid)
                     pss[kind] += mem.rss if value is None else value
                 workers += kind == "python_workers"
-            classes = [(rss, True)] + ([(pss, True)] if with_pss else [])
-            for values, _ in classes:
+            for values in ([rss, pss] if with_pss else [rss]):
                 values["driver"] = values["driver_python"] + values["driver_jvm"]
                 values["total"] = sum(v for k, v in values.items() if k not in ("driver", "total"))
             for k in rss:

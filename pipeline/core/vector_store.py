@@ -254,14 +254,28 @@ def write_store(index_dir: str, shard: int, build_id: str, ids: np.ndarray, vect
     save_array(files["order"], order.astype(np.int64))
 
 
+def stored_ids(index_dir: str, unit: Unit, build_id: str) -> np.ndarray:
+    """FAISS ids of a unit's ok rows, in store order (positions ``offset .. offset + ok``)."""
+    ids = load_array(store_files(index_dir, unit.shard, build_id)["ids"])
+    return np.asarray(ids[unit.offset:unit.offset + unit.ok], dtype=np.int64)
+
+
 def read_stored(index_dir: str, unit: Unit, build_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(FAISS ids, float32 vectors) of a unit's ok rows from its shard's store (positions
     ``offset .. offset + ok``): what :func:`read_unit` gave at build time, without the table."""
-    files = store_files(index_dir, unit.shard, build_id)
-    stop = unit.offset + unit.ok
-    ids = np.asarray(load_array(files["ids"])[unit.offset:stop], dtype=np.int64)
-    vectors = np.asarray(load_array(files["vectors"])[unit.offset:stop], dtype=np.float32)
-    return ids, vectors
+    vectors = load_array(store_files(index_dir, unit.shard, build_id)["vectors"])
+    return stored_ids(index_dir, unit, build_id), np.asarray(vectors[unit.offset:unit.offset + unit.ok],
+                                                              dtype=np.float32)
+
+
+def task_units(batches, units: list[dict]):
+    """(position, Unit) of each unit with ok rows named by a Spark task's ``id`` batches
+    (the per-unit tasks run as ``spark.range(len(units)).mapInPandas``)."""
+    for batch in batches:
+        for u in batch["id"].to_numpy():
+            unit = Unit(**units[int(u)])
+            if unit.ok:
+                yield int(u), unit
 
 
 def stored_units(shard: int, count: int, max_rows: int) -> list[Unit]:

@@ -210,29 +210,24 @@ def finish(spark: SparkSession, info: ix.IndexInfo, cands: Candidates, k: int,
 def _finisher(index_path: str, stores: dict[int, str], cands: Candidates, units: list[dict], k: int, dim: int,
               vectors_of: FilesOf | None):
     def finish_units(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for batch in batches:
-            for u in batch["id"].to_numpy():
-                unit = vs.Unit(**units[int(u)])
-                if not unit.ok:
-                    continue
-                query_ids = np.asarray(vs.load_array(vs.store_files(index_path, unit.shard, stores[unit.shard])["ids"])
-                                   [unit.offset:unit.offset + unit.ok], dtype=np.int64)
-                ids, shards, pos, sims = load_candidates(cands, int(u))
-                if vectors_of is not None:
-                    own = np.arange(unit.ok, dtype=np.int64) + unit.offset
-                    queries = vs.gather(vectors_of, np.full(unit.ok, unit.shard), own, dim)
-                    sims = rescore(queries, vectors_of, shards, pos, dim)
-                    order = np.argsort(-sims, axis=1, kind="stable")
-                    ids, sims = np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
-                ids, sims = ids[:, :k], sims[:, :k]
-                valid = (ids >= 0) & np.isfinite(sims)
-                kk = ids.shape[1]
-                yield pd.DataFrame({
-                    "query_faiss_id": np.repeat(query_ids, kk)[valid.reshape(-1)],
-                    S.FAISS_ID: ids[valid],
-                    S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(ids))[valid.reshape(-1)],
-                    S.SIMILARITY: sims[valid].astype(np.float32),
-                })
+        for u, unit in vs.task_units(batches, units):
+            query_ids = vs.stored_ids(index_path, unit, stores[unit.shard])
+            ids, shards, pos, sims = load_candidates(cands, u)
+            if vectors_of is not None:
+                own = np.arange(unit.ok, dtype=np.int64) + unit.offset
+                queries = vs.gather(vectors_of, np.full(unit.ok, unit.shard), own, dim)
+                sims = rescore(queries, vectors_of, shards, pos, dim)
+                order = np.argsort(-sims, axis=1, kind="stable")
+                ids, sims = np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
+            ids, sims = ids[:, :k], sims[:, :k]
+            valid = (ids >= 0) & np.isfinite(sims)
+            kk = ids.shape[1]
+            yield pd.DataFrame({
+                "query_faiss_id": np.repeat(query_ids, kk)[valid.reshape(-1)],
+                S.FAISS_ID: ids[valid],
+                S.RANK: np.tile(np.arange(kk, dtype=np.int32), len(ids))[valid.reshape(-1)],
+                S.SIMILARITY: sims[valid].astype(np.float32),
+            })
 
     return finish_units
 

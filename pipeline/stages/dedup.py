@@ -172,10 +172,7 @@ def similarity_histograms(candidates: DataFrame, columns: Sequence[str]) -> list
 def similarity_histogram(candidates: DataFrame, column: str = S.SIMILARITY) -> dict[str, int]:
     """Counts of candidate-pair values (``column``: cosine or calibrated score) per 0.01 bin
     (key: the bin's lower edge, e.g. "0.87")."""
-    width = 2.0 / HISTOGRAM_BINS
-    bin_no = F.least(F.floor((F.col(column) + 1.0) / width), F.lit(HISTOGRAM_BINS - 1)).cast("int")
-    rows = candidates.groupBy(bin_no.alias("bin")).count().collect()
-    return {f"{-1.0 + r['bin'] * width:.2f}": int(r["count"]) for r in sorted(rows, key=lambda r: r["bin"])}
+    return similarity_histograms(candidates, [column])[0]
 
 
 def read_not_duplicates(path: str) -> list[tuple[str, str]]:

@@ -30,7 +30,6 @@ artifact included), the full path runs and the log says why.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any, Iterator
@@ -160,29 +159,33 @@ def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> Data
     stores = index.store_ids()
     path = index.path
 
-    def rows(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pipeline.core import vector_store as vs
+    def rows(with_vectors: bool):
+        """Per unit: FAISS ids and DBA lists, with the augmented vectors when ``with_vectors``
+        (the lists alone feed the id-map join, so the vectors are read once)."""
+        def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+            from pipeline.core import vector_store as vs
 
-        for batch in batches:
-            for u in batch["id"].to_numpy():
-                unit = vs.Unit(**units[int(u)])
-                if not unit.ok:
-                    continue
-                own = np.asarray(vs.load_array(vs.store_files(path, unit.shard, stores[unit.shard])["ids"])
-                                 [unit.offset:unit.offset + unit.ok], dtype=np.int64)
-                aug = np.load(io.BytesIO(storage.read_bytes(store.file(int(u)))))
-                ids, sims = store.lists(int(u))
+            for u, unit in vs.task_units(batches, units):
+                ids, sims = store.lists(u)
                 keep = ids >= 0
-                yield pd.DataFrame({S.FAISS_ID: own, AUG: list(aug.astype(np.float32)),
-                                    "dba_fids": [i[m] for i, m in zip(ids, keep)],
-                                    DBA_SIMS: [v[m] for v, m in zip(sims, keep)]})
+                out = {S.FAISS_ID: vs.stored_ids(path, unit, stores[unit.shard]),
+                       "dba_fids": [i[m] for i, m in zip(ids, keep)]}
+                if with_vectors:
+                    out[AUG] = list(np.asarray(vs.load_array(store.file(u)), dtype=np.float32))
+                    out[DBA_SIMS] = [v[m] for v, m in zip(sims, keep)]
+                yield pd.DataFrame(out)
 
-    listed = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
-        rows, schema=f"{S.FAISS_ID} long, {AUG} array<float>, dba_fids array<long>, {DBA_SIMS} array<float>")
+        return run
+
+    def per_unit(with_vectors: bool, schema: str) -> DataFrame:
+        return spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(rows(with_vectors), schema)
+
+    listed = per_unit(True, f"{S.FAISS_ID} long, dba_fids array<long>, {AUG} array<float>, {DBA_SIMS} array<float>")
+    lists = per_unit(False, f"{S.FAISS_ID} long, dba_fids array<long>")
     n = int(index.meta["count"])
     idmap = tables.lookup(spark.read.parquet(f"{path}/idmap").select(S.FAISS_ID, S.IMAGE_ID), n)
     # The lists name FAISS ids: to image ids through the id map, keeping each list's order.
-    named = (listed.select(S.FAISS_ID, F.posexplode("dba_fids").alias("pos", "nfid"))
+    named = (lists.select(S.FAISS_ID, F.posexplode("dba_fids").alias("pos", "nfid"))
              .join(idmap.select(F.col(S.FAISS_ID).alias("nfid"), F.col(S.IMAGE_ID).alias("nid")), "nfid")
              .groupBy(S.FAISS_ID).agg(F.sort_array(F.collect_list(F.struct("pos", "nid"))).alias("l"))
              .select(S.FAISS_ID, F.col("l.nid").alias(DBA_IDS)))

@@ -173,22 +173,18 @@ def ensure_dba(spark: SparkSession, config: Config, info, self_search: Callable[
 
 def _augmenter(candidates, store: DbaStore, units: list[dict], raw_files, k: int, alpha: float, dim: int):
     def augment(batches):
-        for batch in batches:
-            for u in batch["id"].to_numpy():
-                unit = vs.Unit(**units[int(u)])
-                if not unit.ok:
-                    continue
-                ids, shards, pos, sims = allpairs.load_candidates(candidates, int(u))
-                shards, pos, sims = shards[:, :k], pos[:, :k], np.where(pos[:, :k] >= 0, sims[:, :k], 0.0)
-                allpairs.save_npz(store.lists_file(int(u)), ids=np.where(pos >= 0, ids[:, :k], -1),
-                                  sims=sims.astype(np.float32))
-                out = np.empty((unit.ok, dim), dtype=vs.STORE_DTYPE)
-                for a in range(0, unit.ok, allpairs.RESCORE_ROWS):
-                    b = min(a + allpairs.RESCORE_ROWS, unit.ok)
-                    neighbors = vs.gather(raw_files, shards[a:b], pos[a:b], dim).reshape(b - a, -1, dim)
-                    out[a:b] = core_rerank.augment_with_neighbors(neighbors, sims[a:b], alpha)
-                vs.save_array(store.file(int(u)), out)
-                yield pd.DataFrame({"unit": [int(u)], "rows": [unit.ok]})
+        for u, unit in vs.task_units(batches, units):
+            ids, shards, pos, sims = allpairs.load_candidates(candidates, u)
+            shards, pos, sims = shards[:, :k], pos[:, :k], np.where(pos[:, :k] >= 0, sims[:, :k], 0.0)
+            allpairs.save_npz(store.lists_file(u), ids=np.where(pos >= 0, ids[:, :k], -1),
+                              sims=sims.astype(np.float32))
+            out = np.empty((unit.ok, dim), dtype=vs.STORE_DTYPE)
+            for a in range(0, unit.ok, allpairs.RESCORE_ROWS):
+                b = min(a + allpairs.RESCORE_ROWS, unit.ok)
+                neighbors = vs.gather(raw_files, shards[a:b], pos[a:b], dim).reshape(b - a, -1, dim)
+                out[a:b] = core_rerank.augment_with_neighbors(neighbors, sims[a:b], alpha)
+            vs.save_array(store.file(u), out)
+            yield pd.DataFrame({"unit": [u], "rows": [unit.ok]})
 
     return augment
 
