@@ -41,6 +41,9 @@ class IngestSettings:
     max_shard_bytes: int = 128 * 1024 * 1024
     max_pixels: int = 178_956_970
     follow_symlinks: bool = True
+    # False: the image table holds metadata and later stages read each file from its path (no
+    # second copy of the archive); True: it keeps the bytes, for inputs that will disappear.
+    store_content: bool = False
 
 
 @dataclass

@@ -165,8 +165,9 @@ class Probe:
 def probe(content: bytes | None, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     """Classify one archive member; never raises for bad data.
 
-    ``path`` is only used for its extension (and logging). Pixel data is really
-    decoded so truncation is caught, but JPEGs are decoded at 1/8 scale, luma only.
+    ``path`` is only used for its extension (and logging). A JPEG that ends with its EOI
+    marker is probed from its header alone (ingest at disk speed; the embed stage decodes it);
+    any other image really is decoded so truncation is caught (JPEGs at 1/8 scale, luma only).
     ``MemoryError`` is deliberately not swallowed: it says the executor is
     under-provisioned, not that this file is bad.
     """
@@ -188,6 +189,13 @@ def probe(content: bytes | None, path: str, max_pixels: int = DEFAULT_MAX_PIXELS
         orientation: int | None = None
         if fmt in _DRAFT_FORMATS:
             orientation = _orientation(im)
+            if _jpeg_is_complete(content):
+                # Header probe: a JPEG that still ends with its EOI marker was not cut short, and
+                # its pixels are decoded once, by the embed stage (a failure there is an error
+                # row of the embedding table). Ingest keeps disk speed.
+                if orientation in _SWAPS_AXES:
+                    width, height = height, width
+                return Probe("ok", None, fmt, width, height)
             # "L" skips chroma upsampling and colour conversion; libjpeg still
             # entropy-decodes every component, which is what detects truncation.
             im.draft("L", (1, 1))
@@ -212,6 +220,11 @@ def probe(content: bytes | None, path: str, max_pixels: int = DEFAULT_MAX_PIXELS
             im.close()
 
 
+def _jpeg_is_complete(content: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (padding after it allowed)."""
+    return content[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def decode_rgb(
     content: bytes,
     min_size: tuple[int, int] | None = None,
@@ -229,6 +242,8 @@ def decode_rgb(
     """
     if min_size is not None and (min_size[0] < 1 or min_size[1] < 1):
         raise ValueError(f"min_size must be positive, got {min_size!r}")
+    if hasattr(content, "read"):  # an image the table did not copy (pipeline.core.image_source)
+        content = content.read()
     if content is None:
         raise ImageDecodeError("unreadable file")
 

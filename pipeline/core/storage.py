@@ -177,6 +177,17 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
+def read_file(path: str | bytes) -> bytes:
+    """The bytes of one input file: a local path (str, or the raw bytes of a name that is not
+    UTF-8) or a URI of any filesystem pyarrow reaches. Opened read-only: inputs are never modified."""
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        return read_bytes(path)
+    if isinstance(path, str):
+        path = local_path_of(path) or path
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = _arrow_fs(uri)
     with fs.open_input_stream(path) as src:

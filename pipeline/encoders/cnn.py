@@ -73,8 +73,18 @@ def _decode_pool() -> ThreadPoolExecutor:
 _TRANSPOSE = {90: 2, 180: 3, 270: 4}  # PIL Image.Transpose ROTATE_90 / ROTATE_180 / ROTATE_270
 
 
-def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int, views: Sequence[int]):
-    """Decode a chunk: per image a list of pixel arrays (per view, per scale) or None, and errors.
+def needs_quarter_turns(width: int, height: int) -> bool:
+    """Whether an image's 90/270-degree views are needed to find its sideways copies in an
+    all-pairs search. Between an image and its copy turned by a quarter, one is at least as
+    tall as wide; its turned views find the other, and pair scores take the better direction.
+    Most photos are wider than tall, so this skips most of the cost of rotated views."""
+    return height >= width
+
+
+def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels: int, views: Sequence[int],
+                  one_side: bool = False):
+    """Decode a chunk: per image a list of pixel arrays (per view, per scale; None: view skipped
+    by ``one_side``) or None, and errors.
 
     A view is the decoded (and trimmed) image rotated by that many more degrees: the same
     pixels a separate pass with ``embed.rotation`` would give, for one decode.
@@ -86,7 +96,9 @@ def _decode_chunk(contents: Sequence[bytes], key: backbones.ModelKey, max_pixels
         try:
             image = preprocess.decode_image(content, max(sides), max_pixels, key.trim_borders, key.rotation,
                                            key.input_mode)
-            pixels[i] = [preprocess.resized(image if v == 0 else image.transpose(_TRANSPOSE[v]), side,
+            skip = one_side and not needs_quarter_turns(*image.size)
+            pixels[i] = [None if skip and v in (90, 270) else
+                         preprocess.resized(image if v == 0 else image.transpose(_TRANSPOSE[v]), side,
                                             key.input_mode, key.size_multiple) for v in views for side in sides]
         except Exception as exc:  # a bad image is a recorded row, never a failed job
             errors[i] = f"decode failed: {exc}"
@@ -105,17 +117,19 @@ def embed_contents(model, contents: Sequence[bytes], batch_size: int, max_pixels
 
 
 def embed_views(model, contents: Sequence[bytes], batch_size: int, max_pixels: int,
-                views: Sequence[int]) -> tuple[list[list], list]:
+                views: Sequence[int], one_side: bool = False) -> tuple[list[list], list]:
     """:func:`embed_contents` for several rotated views of each image, decoded once.
 
     Returns (per view, the embeddings or None per image; errors or None per image).
+    ``one_side``: quarter-turn views (90, 270) only of images at least as tall as wide (else
+    None), see :func:`needs_quarter_turns`.
     """
     key = model.key
     n_scales = len(key.scales)
     n_slots = n_scales * len(views)
     pool = _decode_pool()
     chunks = [contents[i:i + batch_size] for i in range(0, len(contents), batch_size)]
-    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels, tuple(views)) for chunk in chunks]
+    futures = [pool.submit(_decode_chunk, chunk, key, max_pixels, tuple(views), one_side) for chunk in chunks]
     pixels: list[list[np.ndarray] | None] = []
     errors: list[str | None] = []
     pooled = np.zeros((len(contents), n_slots, model.features_dim), np.float32)
@@ -137,6 +151,8 @@ def embed_views(model, contents: Sequence[bytes], batch_size: int, max_pixels: i
             if p is None:
                 continue
             for s in range(n_slots):
+                if p[s] is None:
+                    continue
                 rows = waiting.setdefault((s, p[s].shape), [])
                 rows.append(start + i)
                 if len(rows) == batch_size:
@@ -149,11 +165,12 @@ def embed_views(model, contents: Sequence[bytes], batch_size: int, max_pixels: i
     out: list[list] = []
     for v in range(len(views)):
         embeddings: list[np.ndarray | None] = [None] * len(contents)
-        if ok:
-            per_scale = pooled[ok][:, v * n_scales:(v + 1) * n_scales]
+        have = [i for i in ok if pixels[i][v * n_scales] is not None]
+        if have:
+            per_scale = pooled[have][:, v * n_scales:(v + 1) * n_scales]
             combined = per_scale[:, 0] if n_scales == 1 else pooling.combine_scales(
                 [per_scale[:, s] for s in range(n_scales)])
-            for i, vec in zip(ok, model.postprocess(combined)):
+            for i, vec in zip(have, model.postprocess(combined)):
                 embeddings[i] = vec
         out.append(embeddings)
     return out, errors
@@ -182,10 +199,11 @@ class CnnBatchEmbedder:
         model = runtimes.load(self.key, self.choice, self.tf_threads)
         return embed_contents(model, list(contents), self.batch_size, self.max_pixels)
 
-    def views(self, contents: Sequence[bytes], views: Sequence[int]) -> tuple[list[list], list]:
-        """Embeddings of several rotated views of each image, decoded once (rotated queries)."""
+    def views(self, contents: Sequence[bytes], views: Sequence[int], one_side: bool = False) -> tuple[list[list], list]:
+        """Embeddings of several rotated views of each image, decoded once (rotated queries);
+        ``one_side``: see :func:`embed_views`."""
         model = runtimes.load(self.key, self.choice, self.tf_threads)
-        return embed_views(model, list(contents), self.batch_size, self.max_pixels, views)
+        return embed_views(model, list(contents), self.batch_size, self.max_pixels, views, one_side)
 
 
 class CnnEncoder(Encoder):

@@ -21,7 +21,7 @@ from pyspark.sql import types as T
 from pipeline import schemas as S
 from pipeline.encoders import registry
 from pipeline.encoders.base import Encoder, file_identity
-from pipeline.core import storage
+from pipeline.core import image_source, storage
 from pipeline.stages import tables
 from pipeline.config import Config
 
@@ -43,7 +43,9 @@ def view_column(rotation: int) -> str:
 
 
 def make_embed_udf(config: Config, encoder: Encoder, views: tuple[int, ...] = ()):
-    """The pandas UDF (image_id, content) -> (embedding, error[, rotated views]) around the encoder's function."""
+    """The pandas UDF (image_id, content, path, content_sha256) -> (embedding, error[, rotated views])
+    around the encoder's function. A row without stored bytes is read from its path by the decoder
+    (in its thread pool, so reading overlaps inference)."""
     embed_batch = encoder.embed_function()
     fail_once_on = config.embed.fail_once_on_image
     marker = (storage.local_path_of(storage.Workdir.of(config.workdir).fault_marker)
@@ -55,12 +57,14 @@ def make_embed_udf(config: Config, encoder: Encoder, views: tuple[int, ...] = ()
         return [None if v is None else np.asarray(v, dtype=np.float32) for v in vectors]
 
     @F.pandas_udf(schema)
-    def embed_udf(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        for ids, contents in batches:
+    def embed_udf(batches: Iterator[tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        for ids, stored, paths, hashes in batches:
             if fail_once_on is not None and fail_once_on in set(ids) and not os.path.exists(marker):
                 _die_once(marker)
+            contents = image_source.sources(stored, paths, hashes)
             if views:
-                per_view, errors = embed_batch.views(list(contents), (0, *views))
+                # All-pairs search: the quarter turns of one side of each pair suffice.
+                per_view, errors = embed_batch.views(list(contents), (0, *views), one_side=True)
                 vectors = per_view[0]
             else:
                 vectors, errors = embed_batch(list(contents))
@@ -93,7 +97,7 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     udf = make_embed_udf(config, encoder, views)
     partitions_per_core = encoder.partitions_per_core
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
-    ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT)
+    ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT, S.PATH)
     # A row without a hash is its own content.
     same = F.coalesce(F.col(S.CONTENT_SHA256), F.concat(F.lit("id:"), F.col(S.IMAGE_ID))).alias(_SAME)
     keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
@@ -101,13 +105,13 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     copies = keys.count() - first.count()
     todo = ok
     if copies:
-        # Only the (small) ids travel: the image bytes are filtered where they lie.
+        # Only the (small) ids travel: the rows (with image bytes, when stored) are filtered where they lie.
         chosen = first.select(S.IMAGE_ID)
         todo = ok.join(F.broadcast(chosen) if first.count() <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
         log.info("%d exact copies (same content_sha256) share the embedding of their first image", copies)
     # At least one partition per core, so a small corpus still uses every executor core.
     n = max(todo.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
-    result = udf(F.col(S.IMAGE_ID), F.col(S.CONTENT))
+    result = udf(F.col(S.IMAGE_ID), F.col(S.CONTENT), F.col(S.PATH), F.col(S.CONTENT_SHA256))
     embedded = (
         todo.repartition(n)
         .select(F.col(S.IMAGE_ID), F.col(S.CONTENT_SHA256), result.alias("r"))
@@ -186,13 +190,21 @@ def _keys(compared: DataFrame, *kinds: str) -> DataFrame:
     return F.broadcast(keys) if keys.count() <= BROADCAST_LIMIT else keys
 
 
+ONE_SIDE_REASON = "wider than tall: its sideways copies are found from their side"
+
+
 def _write_views(spark: SparkSession, config: Config, images: DataFrame, table: DataFrame,
                  views: tuple[int, ...]) -> None:
     """Write the rotated-view tables where the search looks for them (its rebuild then finds them fresh)."""
     for r in views:
         _, target = rotated_table(config, r)
-        rotated = table.select(*[F.col(view_column(r)).alias(S.EMBEDDING) if c == S.EMBEDDING else F.col(c)
-                                 for c in S.EMBEDDING_TABLE.fieldNames()])
+        vector = F.col(view_column(r))
+        # A quarter turn not embedded (one side of each pair suffices) is a skipped row, not an error.
+        skipped = (F.col(S.STATUS) == S.STATUS_OK) & vector.isNull()
+        replaced = {S.EMBEDDING: vector.alias(S.EMBEDDING),
+                    S.STATUS: F.when(skipped, F.lit(S.STATUS_SKIPPED)).otherwise(F.col(S.STATUS)).alias(S.STATUS),
+                    S.ERROR: F.when(skipped, F.lit(ONE_SIDE_REASON)).otherwise(F.col(S.ERROR)).alias(S.ERROR)}
+        rotated = table.select(*[replaced.get(c, F.col(c)) for c in S.EMBEDDING_TABLE.fieldNames()])
         tables.write_table(rotated, target, metadata=rotated_meta(config, r, images))
     log.info("rotated views %s embedded in the same pass", list(views))
 
@@ -270,7 +282,8 @@ def embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations
         views_fn = encoder.embed_function()
 
         def per_rotation(contents: list) -> dict[int, list]:
-            return dict(zip(rotations, views_fn.views(contents, tuple(rotations))[0]))
+            # As the embed stage's one-pass views (the full dedup this update must equal).
+            return dict(zip(rotations, views_fn.views(contents, tuple(rotations), one_side=True)[0]))
     else:
         functions = {r: registry.encoder_for(config.with_overrides(embed__rotation=r)).embed_function()
                      for r in rotations}
@@ -280,11 +293,12 @@ def embed_rotated(spark: SparkSession, config: Config, ids: list[str], rotations
 
     def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            for r, vectors in per_rotation(list(pdf[S.CONTENT])).items():
+            contents = image_source.sources(pdf[S.CONTENT], pdf[S.PATH], pdf[S.CONTENT_SHA256])
+            for r, vectors in per_rotation(contents).items():
                 yield pd.DataFrame({"rotation": r, S.IMAGE_ID: pdf[S.IMAGE_ID],
                                     S.EMBEDDING: [None if v is None else np.asarray(v, np.float32) for v in vectors]})
 
-    rows = (chosen.select(S.IMAGE_ID, S.CONTENT).repartition(spark.sparkContext.defaultParallelism)
+    rows = (chosen.select(S.IMAGE_ID, S.CONTENT, S.PATH, S.CONTENT_SHA256).repartition(spark.sparkContext.defaultParallelism)
             .mapInPandas(embed, schema=f"rotation int, {S.IMAGE_ID} string, {S.EMBEDDING} array<float>").collect())
     for row in rows:
         if row[S.EMBEDDING] is not None:

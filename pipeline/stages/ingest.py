@@ -65,21 +65,17 @@ DESCRIBE_VERSION = 1
 
 
 # ------------------------------------------------------------ per-file work
-def read_file(path: str | bytes) -> bytes:
-    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
-        return storage.read_bytes(path)
-    if isinstance(path, str):
-        path = storage.local_path_of(path) or path
-    # Opened read-only and never written back: the jobs never modify their inputs.
-    with open(path, "rb") as fh:
-        return fh.read()
+read_file = storage.read_file  # re-exported: ingest's own reader
 
 
-def describe_files(rows: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
+def describe_files(rows: pd.DataFrame, max_pixels: int, store_content: bool = False) -> pd.DataFrame:
     """Listed files -> image-table rows: read, hash and probe each file, never raising.
 
     ``rows`` has the listing columns (path, size_bytes, modification_time, listing_error,
     optionally listing_status, raw_path and image_id as made by :func:`build_image_table`).
+    ``store_content``: decodable images carry their bytes (``ingest.store_content``); otherwise
+    later stages read them from ``path``, except for a name that its displayed path cannot
+    reopen (not UTF-8), whose bytes are kept.
     """
     from pipeline.core import imageio
 
@@ -114,10 +110,19 @@ def describe_files(rows: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
             record.update({S.STATUS: probe.status, S.ERROR: probe.error, S.FORMAT: probe.format,
                            S.WIDTH: probe.width, S.HEIGHT: probe.height})
             # Only decodable images carry their bytes onward; the rest are accounted for by their row.
-            if probe.status == S.STATUS_OK:
+            if probe.status == S.STATUS_OK and (store_content or not _reopens(path, raw)):
                 record[S.CONTENT] = content
         out.append(record)
     return pd.DataFrame(out, columns=S.IMAGE_TABLE.fieldNames())
+
+
+def _reopens(path: str, raw: bytes | None) -> bool:
+    """Whether the stored (display) path opens this same file later."""
+    return raw is None or bytes(raw) == path.encode("utf-8", "surrogateescape")
+
+
+# Shards hold image bytes up to ``max_shard_bytes``; without the bytes a row is about this big.
+METADATA_ROW_BYTES = 256
 
 
 # ------------------------------------------------------------------ listing
@@ -295,14 +300,22 @@ def describe_listing(rows: DataFrame, config: Config) -> tuple[DataFrame, list[D
 
     Also returns what was persisted on the way (unpersist it once the table is written).
     """
-    sharded, n_shards, persisted = assign_shards(rows.select(*LISTING_COLUMNS), config.ingest.max_shard_bytes)
+    store_content = config.ingest.store_content
+    listed = rows.select(*LISTING_COLUMNS)
+    if not store_content:
+        # Shards are sized by what they will hold: metadata rows, not image bytes.
+        listed = listed.withColumn("_listed_size", F.col(S.SIZE_BYTES)).withColumn(
+            S.SIZE_BYTES, F.lit(METADATA_ROW_BYTES).cast("long"))
+    sharded, n_shards, persisted = assign_shards(listed, config.ingest.max_shard_bytes)
+    if not store_content:
+        sharded = sharded.withColumn(S.SIZE_BYTES, F.col("_listed_size")).drop("_listed_size")
     if n_shards == 0:
         return rows.sparkSession.createDataFrame([], S.IMAGE_TABLE), persisted
     max_pixels = config.ingest.max_pixels
 
     def describe(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
-            yield describe_files(batch, max_pixels)
+            yield describe_files(batch, max_pixels, store_content)
 
     return one_shard_per_partition(sharded, n_shards).mapInPandas(describe, schema=S.IMAGE_TABLE), persisted
 
@@ -319,7 +332,8 @@ def build_image_table(spark: SparkSession, config: Config) -> DataFrame:
 
 def table_metadata(config: Config) -> dict:
     """What decides an image-table row besides the file itself (committed with the table)."""
-    return {"describe_version": DESCRIBE_VERSION, "max_pixels": config.ingest.max_pixels}
+    return {"describe_version": DESCRIBE_VERSION, "max_pixels": config.ingest.max_pixels,
+            "store_content": config.ingest.store_content}
 
 
 # ------------------------------------------------------------ incremental

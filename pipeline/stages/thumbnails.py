@@ -14,7 +14,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 
 from pipeline import schemas as S
-from pipeline.core import imageio, thumbnails
+from pipeline.core import image_source, imageio, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,10 @@ def make_thumbnails(images: DataFrame, max_side: int, quality: int, max_pixels: 
     def shrink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             thumbs, errors = [], []
-            for content, path in zip(batch[S.CONTENT], batch[S.PATH]):
+            # No hash check: a thumbnail shows the file as it is now.
+            for content in image_source.sources(batch[S.CONTENT], batch[S.PATH], [None] * len(batch)):
                 try:
-                    if content is None:
-                        with open(path, "rb") as fh:
-                            content = fh.read()
-                    thumbs.append(thumbnails.thumbnail_jpeg(bytes(content), max_side, quality, max_pixels))
+                    thumbs.append(thumbnails.thumbnail_jpeg(content, max_side, quality, max_pixels))
                     errors.append(None)
                 except (imageio.ImageDecodeError, OSError) as exc:
                     thumbs.append(None)

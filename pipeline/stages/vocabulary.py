@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline.core import classical
+from pipeline.core import classical, image_source
 from pipeline.encoders.base import Encoder
 from pipeline.encoders.classical import decode, load_method, options_for
 from pipeline.core import storage
@@ -164,7 +164,7 @@ def training_descriptors(spark, config: Config, method: classical.LocalDescripto
     if not tables.is_committed(spark, uri):
         cfg = config.with_overrides(ingest__input=list(inputs))
         images = (ingest.build_image_table(spark, cfg).where(F.col(S.STATUS) == S.STATUS_OK)
-                  .select(S.IMAGE_ID, S.CONTENT))
+                  .select(S.IMAGE_ID, S.CONTENT, S.PATH, S.CONTENT_SHA256))
         images = images.repartition(max(2, 2 * spark.sparkContext.defaultParallelism))
         max_pixels = config.ingest.max_pixels
         name = method.name
@@ -173,7 +173,8 @@ def training_descriptors(spark, config: Config, method: classical.LocalDescripto
             m = load_method(name, None, {k: v for k, v in p.items()})
             for batch in batches:
                 out = {"image_id": [], "n": [], "descriptors": [], "error": []}
-                for image_id, content in zip(batch[S.IMAGE_ID], batch[S.CONTENT]):
+                contents = image_source.sources(batch[S.CONTENT], batch[S.PATH], batch[S.CONTENT_SHA256])
+                for image_id, content in zip(batch[S.IMAGE_ID], contents):
                     try:
                         d = m.extractor(decode(content, m, max_pixels))
                         out["descriptors"].append(np.ascontiguousarray(d, dtype=np.float32).tobytes())

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline import schemas as S
 from pipeline.encoders import backbones
-from pipeline.core import augment, vectors, whitening
+from pipeline.core import augment, image_source, imageio, vectors, whitening
 from pipeline.encoders import cnn
 from pipeline.core import storage
 from pipeline.stages import steps, tracking
@@ -60,14 +60,16 @@ def read_descriptors_and_views(config: Config, views: int) -> tuple[list[str], n
     view_vectors: list[np.ndarray] = []
     rng = np.random.default_rng(config.train.head_seed)
     started = time.perf_counter()
-    with make_batch_reader(url, schema_fields=[S.IMAGE_ID, S.CONTENT, S.STATUS], num_epochs=1,
+    fields = [S.IMAGE_ID, S.CONTENT, S.PATH, S.CONTENT_SHA256, S.STATUS]
+    with make_batch_reader(url, schema_fields=fields, num_epochs=1,
                            workers_count=1, reader_pool_type="dummy") as reader:
-        for batch in reader:  # column batches (numpy); rows whose content is null are error rows
-            keep = [i for i, status in enumerate(batch.status)
-                    if _text(status) == S.STATUS_OK and batch.content[i] is not None]
+        for batch in reader:  # column batches (numpy); only ok rows are images
+            keep = [i for i, status in enumerate(batch.status) if _text(status) == S.STATUS_OK]
             if not keep:
                 continue
-            contents = [bytes(batch.content[i]) for i in keep]
+            # Stored bytes, else the file read from its path (ingest.store_content: false).
+            contents = image_source.sources([batch.content[i] for i in keep], [_text(batch.path[i]) for i in keep],
+                                       [_text_or_none(batch.content_sha256[i]) for i in keep])
             out, errors = cnn.embed_contents(model, contents, config.embed.batch_size, config.ingest.max_pixels)
             ok = [j for j, err in enumerate(errors) if err is None]
             if views and ok:
@@ -110,8 +112,6 @@ def embed_views(model, contents: list[bytes], views: int, rng: np.random.Generat
     """Embed ``views`` augmented copies of each encoded image (same model, same descriptor).
     Returns one ``(views, d)`` array per image that worked, and which images worked."""
     import io
-
-    from pipeline.core import imageio
 
     encoded: list[bytes] = []
     for content in contents:
@@ -226,6 +226,10 @@ def attach_head(config: Config, w: whitening.Whitening, X: np.ndarray,
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else _text(value)
 
 
 def fit(config: Config, X: np.ndarray) -> whitening.Whitening:

@@ -228,8 +228,10 @@ def test_every_file_is_exactly_one_row_with_the_expected_status(spark, full_run,
         r = by_path[e.relpath]
         if r[S.STATUS] != e.status or (e.reason and e.reason not in (r[S.ERROR] or "")):
             wrong.append((e.relpath, e.status, e.reason, r[S.STATUS], r[S.ERROR]))
-        # Only images that can be embedded carry their bytes; every other row has a reason.
-        assert (r[S.CONTENT] is not None) == (r[S.STATUS] == "ok")
+        # Metadata only (the default): bytes stay only for an ok image whose displayed path
+        # cannot reopen it (a name that is not UTF-8); every other row has a reason.
+        reopens = os.path.exists(r[S.PATH])
+        assert (r[S.CONTENT] is not None) == (r[S.STATUS] == "ok" and not reopens), e.relpath
         assert (r[S.ERROR] is None) == (r[S.STATUS] == "ok")
     assert not wrong, wrong
     counts = {s: sum(e.status == s for e in expected) for s in S.STATUSES}
@@ -356,3 +358,26 @@ def test_no_code_path_unpickles_or_runs_a_shell():
     loads = [call for p in pipeline_dir.rglob("*.py")
              for call in re.findall(r"\.load_model\([^)]*\)", p.read_text(encoding="utf-8"))]
     assert loads and all("safe_mode=True" in call for call in loads), loads
+
+
+def test_the_image_table_stores_bytes_only_when_asked(tmp_path):
+    import hashlib
+
+    import pandas as pd
+
+    good = tmp_path / "ok.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(good)
+    odd = tmp_path / os.fsdecode(b"odd-\xff.png")
+    odd.write_bytes(good.read_bytes())
+    raws = [os.fsencode(good), os.fsencode(odd)]
+    rows = pd.DataFrame({S.PATH: [ing.display_path(os.fsdecode(r)) for r in raws], "raw_path": raws,
+                         S.SIZE_BYTES: [1, 1], S.MODIFICATION_TIME: [None, None], "listing_error": [None, None],
+                         "listing_status": [None, None]})
+    meta = ing.describe_files(rows, 1000)
+    assert meta[S.STATUS].tolist() == ["ok", "ok"]
+    assert meta[S.CONTENT_SHA256].tolist() == [hashlib.sha256(good.read_bytes()).hexdigest()] * 2
+    # A name its displayed path cannot reopen keeps its bytes; the other is read again from its path.
+    assert meta[S.CONTENT].iloc[0] is None and meta[S.CONTENT].iloc[1] == good.read_bytes()
+    stored = ing.describe_files(rows, 1000, store_content=True)
+    assert stored[S.CONTENT].tolist() == [good.read_bytes()] * 2

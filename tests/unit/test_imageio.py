@@ -440,3 +440,37 @@ def test_real_photo_with_injected_orientation(orientation: int) -> None:
     im = decode_rgb(tagged, min_size=(224, 224))
     assert im.size == reference.size
     assert np.array_equal(np.asarray(im), np.asarray(reference))
+
+
+def test_a_file_not_stored_is_read_from_its_path_and_checked_against_its_hash(tmp_path) -> None:
+    import hashlib
+
+    from pipeline.core.image_source import StoredFile, sources
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG")
+    path = tmp_path / "a.jpg"
+    path.write_bytes(buf.getvalue())
+    sha = hashlib.sha256(buf.getvalue()).hexdigest()
+    stored, from_path, unread = sources([b"xx", None, None], ["x.jpg", str(path), None], ["h", sha, None])
+    assert stored == b"xx" and from_path == StoredFile(str(path), sha) and unread is None
+    assert decode_rgb(from_path).size == (40, 30)
+    # Replaced after ingest: an error with the reason, not a different image under the old hash.
+    Image.new("RGB", (41, 30), (0, 0, 200)).save(path, "JPEG")
+    with pytest.raises(ImageDecodeError, match="changed since ingest"):
+        decode_rgb(from_path)
+    path.unlink()
+    with pytest.raises(ImageDecodeError, match="unreadable file: No such file"):
+        decode_rgb(from_path)
+
+
+def test_a_complete_jpeg_is_probed_from_its_header_and_a_cut_one_still_decoded(corpus: Corpus) -> None:
+    from pipeline.core.imageio import _jpeg_is_complete
+
+    content = corpus.read("odd/progressive.jpg")
+    assert _jpeg_is_complete(content) and _jpeg_is_complete(content + b"\x00" * 10)
+    assert not _jpeg_is_complete(content[:-10])
+    header = probe(content, "p.jpg")
+    assert header.status == "ok" and (header.width, header.height) == decode_rgb(content).size
+    # Cut, it no longer ends with EOI: the entropy-coded data is decoded and the cut reported.
+    assert probe(content[: len(content) - 10], "p.jpg").error == "truncated JPEG"
