@@ -70,9 +70,12 @@ def section(result: dict, name: str) -> str:
                        if k.removesuffix("_seconds") in ("ingest", "model_load_driver", "embed", "index", "dedup"))
     lines += [
         "",
-        f"Default `run` stages: {stages} (sum {b['sum_of_stages_seconds']:.1f} s; the Spark JVM start-up, "
-        f"{result['spark_startup_seconds']:.1f} s, is not included; the embed stage includes starting the "
-        "Python workers and, on the first run only, converting the model to OpenVINO). "
+        f"Default `run` stages: {stages} (sum {b['sum_of_stages_seconds']:.1f} s). Not included, as once-per-"
+        f"application start-up: the Spark JVM start-up, {result['spark_startup_seconds']:.1f} s, and "
+        + (f"a warm-up run over the first 64 images, {result['warm_up_seconds']:.1f} s (Python workers started "
+           "and their imports, the model loaded in them, the JVM's first Parquet and shuffle code paths). "
+           if "warm_up_seconds" in result else "nothing else (older result: no warm-up run). ")
+        + "Each run converts the model to OpenVINO in its own new workdir (inside its embed stage). "
         f"Embed stage alone: {_f(b.get('embed_images_per_second'))} images/s including decode "
         f"({(b.get('embed_images_per_second') or 0) / plain:.2f}× the plain loop, which excludes decode).",
         END,

@@ -92,13 +92,22 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
         log.warning("dedup.rotations=%s skipped: no image table at %s to re-embed rotated", d.rotations, workdir.images)
         rotations = []
     if rotations:
+        # Every rotation's queries in one search (one pass over the shards); an image's best
+        # similarity per neighbour is kept whichever view found it.
+        # Each view is its own query (its own top k across shards) until the merge.
+        views = None
         for r in rotations:
             rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
-            rotated = rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING)
-            rotated = rotated.join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
-            result = result.unionByName(_search(spark, config, info, k, rotated, vectors_of, k_search))
-        result = _best_per_neighbor(result, k)
+            rotated = (rotated.where(F.col(S.STATUS) == S.STATUS_OK).join(queries.select(S.IMAGE_ID), S.IMAGE_ID, "left_semi")
+                       .select(F.concat(S.IMAGE_ID, F.lit(f"{_VIEW_MARK}{r}")).alias(S.IMAGE_ID), S.EMBEDDING))
+            views = rotated if views is None else views.unionByName(rotated)
+        found = _search(spark, config, info, k, views, vectors_of, k_search)
+        found = found.withColumn(S.QUERY_ID, F.regexp_replace(S.QUERY_ID, f"{_VIEW_MARK}[0-9]+$", ""))
+        result = _best_per_neighbor(result.unionByName(found), k)
     return result
+
+
+_VIEW_MARK = "#rot"
 
 
 def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, queries: DataFrame,
