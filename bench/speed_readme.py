@@ -67,7 +67,8 @@ def section(result: dict, name: str) -> str:
                      f"{p['images_per_second'] / plain:.2f} | {scores} |")
     b = result["pipeline"][0]
     stages = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in b["stage_seconds"].items()
-                       if k.removesuffix("_seconds") in ("ingest", "model_load_driver", "embed", "index", "dedup"))
+                       if k.removesuffix("_seconds") in ("ingest", "model_load_driver", "embed", "index", "dedup",
+                                                         "incremental_state"))
     lines += [
         "",
         f"Default `run` stages: {stages} (sum {b['sum_of_stages_seconds']:.1f} s). Not included, as once-per-"

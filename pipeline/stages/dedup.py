@@ -1,6 +1,7 @@
 """Stage 4: kNN lists -> pairs table -> groups table (with the keep decision). Never deletes or moves files."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Sequence
@@ -270,13 +271,26 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     ``neighbors/<tag>/`` for the incremental dedup's state (:mod:`pipeline.stages.incremental`):
     the lists the levels come from, without a second search.
     """
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    index_meta = ix.IndexInfo.load(workdir.index_dir(method)).meta
+    images = int(index_meta["count"])
+    # Above the explicit broadcast limit adaptive execution must not broadcast either: at 1M
+    # images it broadcast the levels while scoring the candidates and the 2 GB local driver
+    # failed ("Not enough memory to build and broadcast the table").
+    with tables.no_auto_broadcast(spark) if images > tables.BROADCAST_MAX_ROWS else contextlib.nullcontext():
+        counts, threshold, score = _dedup(spark, config, index_meta)
+    log.info("dedup %s at %s threshold %.3f: %s", method, score, threshold, counts)
+    return counts
+
+
+def _dedup(spark: SparkSession, config: Config, index_meta: dict) -> tuple[dict, float, str]:
     from pyspark import StorageLevel
 
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     d = config.dedup
     neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
-    index_meta = ix.IndexInfo.load(workdir.index_dir(method)).meta
     metric, images = index_meta.get("metric"), int(index_meta["count"])
     calibrated = uses_calibration(config)
     meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
@@ -316,9 +330,7 @@ def dedup(spark: SparkSession, config: Config) -> dict:
         neighbors.unpersist()
         for frame in persisted:
             frame.unpersist()
-    counts = write_groups(spark, config, threshold, meta["score"])
-    log.info("dedup %s at %s threshold %.3f: %s", method, meta["score"], threshold, counts)
-    return counts
+    return write_groups(spark, config, threshold, meta["score"]), threshold, meta["score"]
 
 
 KNN_IDS, KNN_SIMS = "knn_ids", "knn_sims"
