@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "peers"))
 
 import speed_corpus  # noqa: E402
+import speed_readme  # noqa: E402
 from common import ns_score, pair_scores  # noqa: E402
 
 BATCH = 32
@@ -116,7 +117,7 @@ def runtime_loops(pixels: np.ndarray, calibration: str, workdir: str) -> dict:
 
 # ------------------------------------------------------------------ (b) the pipeline
 WARM_UP_IMAGES = 64
-RUN_STAGES = ("ingest", "model_load_driver", "embed", "index", "dedup", "incremental_state")
+RUN_STAGES = speed_readme.RUN_STAGES
 
 
 def pipeline_run(spark, corpus: Path, rows: list[dict], workdir: str, overrides: dict) -> dict:
@@ -253,8 +254,6 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     if args.readme:
-        import speed_readme
-
         speed_readme.update(Path(args.readme), path)
     return 0
 
