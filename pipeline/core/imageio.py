@@ -8,18 +8,15 @@ Two entry points, both fed with the raw bytes of one archive member:
   orientation, decoding JPEGs at reduced scale when the caller only needs a
   thumbnail, and raises :class:`ImageDecodeError` with the same reasons as probe.
 
-Pixel limits. Pillow's own bomb guard runs inside ``Image.open`` and warns
-(``DecompressionBombWarning``) between ``MAX_IMAGE_PIXELS`` and twice that, and
-raises above. Silencing that warning needs ``warnings.catch_warnings``, which
-mutates process-global state and is not thread-safe (embed workers decode in
-threads), and the error carries no dimensions. So files are identified here
-through Pillow's plugin registry (the same ``Image.ID``/``Image.OPEN`` tables that
-``Image.open`` walks) without that check, and the pixel limit is enforced here,
-from the header, before any pixel buffer is allocated. Pillow's globals are never
-modified: the effective limit is ``min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)`` so
-an application that lowered Pillow's limit is still honoured, and Pillow's own
-in-decoder checks (TIFF tiles, GIF frames, MPO frames) remain as a second line and
-are reported the same way.
+Pixel limits. Pillow's own bomb guard runs inside ``Image.open`` and warns (``DecompressionBombWarning``)
+between ``MAX_IMAGE_PIXELS`` and twice that, and raises above. Silencing that warning needs
+``warnings.catch_warnings``, which mutates process-global state and is not thread-safe (embed workers
+decode in threads), and the error carries no dimensions. So files are identified here through Pillow's
+plugin registry (the same ``Image.ID``/``Image.OPEN`` tables that ``Image.open`` walks) without that
+check, and the pixel limit is enforced here, from the header, before any pixel buffer is allocated.
+Pillow's globals are never modified: the effective limit is ``min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)``
+so an application that lowered Pillow's limit is still honoured, and Pillow's own in-decoder checks
+(TIFF tiles, GIF frames, MPO frames) remain as a second line and are reported the same way.
 """
 
 from __future__ import annotations
@@ -38,14 +35,7 @@ from PIL import Image, ImageFile
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
-    "ImageDecodeError",
-    "Probe",
-    "decode_rgb",
-    "probe",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageDecodeError", "Probe", "decode_rgb", "probe"]
 
 # Extensions that make a file "an image" for policy purposes: a file with one of
 # these that cannot be decoded is an *error* (reported), anything else that does
@@ -190,12 +180,9 @@ def probe(content: bytes | None, path: str, max_pixels: int = DEFAULT_MAX_PIXELS
         if fmt in _DRAFT_FORMATS:
             orientation = _orientation(im)
             if _jpeg_is_complete(content):
-                # Header probe: a JPEG that still ends with its EOI marker was not cut short, and
-                # its pixels are decoded once, by the embed stage (a failure there is an error
-                # row of the embedding table). Ingest keeps disk speed.
-                if orientation in _SWAPS_AXES:
-                    width, height = height, width
-                return Probe("ok", None, fmt, width, height)
+                # Header probe: a JPEG still ending with its EOI marker was not cut short; embed decodes it
+                # (a failure there is an embedding-table error row), and ingest keeps disk speed.
+                return Probe("ok", None, fmt, *((height, width) if orientation in _SWAPS_AXES else (width, height)))
             # "L" skips chroma upsampling and colour conversion; libjpeg still
             # entropy-decodes every component, which is what detects truncation.
             im.draft("L", (1, 1))
