@@ -14,6 +14,7 @@ import io
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import threading
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         return 0
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    from pipeline import workflow  # noqa: F401  (import cost is not ingest time)
+    from pipeline import api  # noqa: F401  (import cost is not ingest time)
     from pipeline.config import Config
 
     try:
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ingest-{args.label or 'run'}-{int(time.time())}.json").write_text(json.dumps(result, indent=1))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.label).strip("-") or "run"  # a label may hold "/" or spaces
+    (out / f"ingest-{slug}-{int(time.time())}.json").write_text(json.dumps(result, indent=1))
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,7 @@ from pipeline.core.imageio import ImageDecodeError
 @dataclass(frozen=True)
 class StoredFile:
     """An image the image table did not copy (``ingest.store_content: false``), read from its
-    path when it is decoded. Checked against the hash ingest recorded, so a file replaced since
+    path when it is decoded (``imageio.decode_rgb`` calls ``read``). Checked against the hash ingest recorded, so a file replaced since
     then becomes an error row instead of a different image under the old hash."""
 
     path: str
@@ -29,11 +29,6 @@ class StoredFile:
         if self.sha256 is not None and hashlib.sha256(content).hexdigest() != self.sha256:
             raise ImageDecodeError("file changed since ingest (run ingest again)")
         return content
-
-
-def bytes_of(source: bytes | StoredFile | None) -> bytes | None:
-    """The encoded image of an image-table row: its stored bytes, else read from its file."""
-    return source.read() if isinstance(source, StoredFile) else source
 
 
 def sources(contents, paths, hashes) -> list:

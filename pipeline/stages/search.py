@@ -92,9 +92,8 @@ def search_neighbors(spark: SparkSession, config: Config, k: int, queries: DataF
         log.warning("dedup.rotations=%s skipped: no image table at %s to re-embed rotated", d.rotations, workdir.images)
         rotations = []
     if rotations:
-        # Every rotation's queries in one search (one pass over the shards); an image's best
-        # similarity per neighbour is kept whichever view found it.
-        # Each view is its own query (its own top k across shards) until the merge.
+        # Every rotation's queries in one search (one pass over the shards). Each view is its own
+        # query (its own top k across shards) until the merge keeps each neighbour's best similarity.
         views = None
         for r in rotations:
             rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
