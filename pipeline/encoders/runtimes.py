@@ -147,6 +147,12 @@ def _ensure_ir(key, precision: str, cache_dir: str, calibration: Sequence[str], 
     done = folder / "checked.json"
     if done.exists() and xml.exists():
         return str(xml)
+    # A model converted and checked for another workdir on this machine: copied, not converted again.
+    user = user_cache_dir()
+    reused = user / folder.name if user is not None else None
+    if reused is not None and reused != folder and _copy_checked(reused, folder):
+        log.info("OpenVINO %s model for %s copied from %s", precision, key.backbone, reused)
+        return str(xml)
     tf_model = backbones.load_embedding_model(_network_key(key))
     ov_model = ov.convert_model(tf_model._embed.get_concrete_function())
     images = check_images(key)
@@ -173,7 +179,44 @@ def _ensure_ir(key, precision: str, cache_dir: str, calibration: Sequence[str], 
         json.dump({"min_cosine": cosine, "mean_cosine": mean, "openvino": version, "precision": precision,
                    "cpu_flags": cpu_flags()}, fh)
     log.info("OpenVINO %s model for %s at %s (min cosine to TensorFlow %.5f)", precision, key.backbone, xml, cosine)
+    if reused is not None and reused != folder:
+        _copy_checked(folder, reused)
     return str(xml)
+
+
+_CHECKED_FILES = ("model.xml", "model.bin", "checked.json")
+
+
+def user_cache_dir() -> Path | None:
+    """This user's cache of checked conversions (``$XDG_CACHE_HOME/neardup/openvino``, by
+    default ``~/.cache/neardup/openvino``), shared by the workdirs of this machine the way
+    Keras keeps its weights in ``~/.keras``. The executors still read the copy in the
+    workdir's cache (a folder they can reach); None when ``$NEARDUP_MODEL_CACHE`` is set."""
+    if os.environ.get("NEARDUP_MODEL_CACHE"):  # the shared cache already is the one place
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not base or base.startswith("~"):
+        return None
+    return Path(base) / "neardup" / "openvino"
+
+
+def _copy_checked(source: Path, target: Path) -> bool:
+    """Copy a checked conversion (files renamed into place, checked.json last, so a reader never
+    sees half of one); False when ``source`` has none or the copy fails (then: convert)."""
+    import shutil
+
+    if not all((source / name).is_file() for name in _CHECKED_FILES):
+        return False
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in _CHECKED_FILES:
+            tmp = target / f".{name}.{os.getpid()}"
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, target / name)
+    except OSError as exc:
+        log.info("could not copy a converted model from %s to %s: %s", source, target, exc)
+        return False
+    return True
 
 
 def check_images(key: backbones.ModelKey) -> list[np.ndarray]:

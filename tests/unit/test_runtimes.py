@@ -101,3 +101,22 @@ def test_precision_settings_are_checked():
         Config.load(None, ["embed.precision=int8"]).validate()
     with pytest.raises(ConfigError, match="TensorFlow runs in fp32"):
         Config.load(None, ["embed.runtime=tensorflow", "embed.precision=bf16"]).validate()
+
+
+def test_a_conversion_is_reused_by_other_workdirs_of_the_machine(tmp_path, monkeypatch, caplog):
+    # Without $NEARDUP_MODEL_CACHE each workdir has its own cache; the user's cache
+    # ($XDG_CACHE_HOME/neardup/openvino) keeps a checked copy, so a second workdir copies it.
+    import logging
+
+    monkeypatch.delenv("NEARDUP_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    first = _embedder(tmp_path / "w1", "openvino", "fp32").choice
+    assert first.runtime == "openvino" and str(tmp_path / "w1") in first.ir_path
+    kept = runtimes.user_cache_dir()
+    assert kept is not None and (kept / first.ir_path.split("/")[-2] / "checked.json").is_file()
+    with caplog.at_level(logging.INFO, logger="pipeline.encoders.runtimes"):
+        second = _embedder(tmp_path / "w2", "openvino", "fp32").choice
+    assert "copied from" in caplog.text
+    assert second.runtime == "openvino" and str(tmp_path / "w2") in second.ir_path
+    with open(first.ir_path, "rb") as a, open(second.ir_path, "rb") as b:
+        assert a.read() == b.read()
