@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -262,8 +262,11 @@ def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[
     return comps.where(~F.col(S.GROUP_ID).isin(bad)).unionByName(fixed), len(bad)
 
 
-def dedup(spark: SparkSession, config: Config) -> dict:
+def dedup(spark: SparkSession, config: Config, on_lists: Callable[[float], None] | None = None) -> dict:
     """Write the pairs and groups tables for ``config.embed.backbone``; returns counts.
+
+    ``on_lists(threshold)`` is called once the kNN lists (and the DBA store) are written, before
+    the pairs and groups: what reads only those (the incremental state) may start then.
 
     The pairs table is what the model found (above the threshold); the groups apply the
     person's decisions on top (``dedup.not_duplicates``, ``dedup.keep``, ``dedup.keep_folders``).
@@ -279,12 +282,13 @@ def dedup(spark: SparkSession, config: Config) -> dict:
     # images it broadcast the levels while scoring the candidates and the 2 GB local driver
     # failed ("Not enough memory to build and broadcast the table").
     with tables.no_auto_broadcast(spark) if images > tables.BROADCAST_MAX_ROWS else contextlib.nullcontext():
-        counts, threshold, score = _dedup(spark, config, index_meta)
+        counts, threshold, score = _dedup(spark, config, index_meta, on_lists)
     log.info("dedup %s at %s threshold %.3f: %s", method, score, threshold, counts)
     return counts
 
 
-def _dedup(spark: SparkSession, config: Config, index_meta: dict) -> tuple[dict, float, str]:
+def _dedup(spark: SparkSession, config: Config, index_meta: dict,
+           on_lists: Callable[[float], None] | None = None) -> tuple[dict, float, str]:
     from pyspark import StorageLevel
 
     workdir = storage.Workdir.of(config.workdir)
@@ -324,6 +328,8 @@ def _dedup(spark: SparkSession, config: Config, index_meta: dict) -> tuple[dict,
             column = S.SIMILARITY
             meta["histogram"] = similarity_histogram(candidates, column)
         meta["threshold"] = threshold
+        if on_lists is not None:
+            on_lists(threshold)
         tables.write_table(candidates.where(F.col(column) >= threshold), workdir.pairs(method), metadata=meta)
     finally:
         candidates.unpersist()

@@ -98,8 +98,7 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     partitions_per_core = encoder.partitions_per_core
     ok = images.where(F.col(S.STATUS) == S.STATUS_OK) if S.STATUS in images.columns else images
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT, S.PATH)
-    # A row without a hash is its own content.
-    same = F.coalesce(F.col(S.CONTENT_SHA256), F.concat(F.lit("id:"), F.col(S.IMAGE_ID))).alias(_SAME)
+    same = _same_content().alias(_SAME)
     keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
     first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
     copies = keys.count() - first.count()
@@ -132,6 +131,11 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
                                                                      if c not in (S.IMAGE_ID, S.CONTENT_SHA256)])
     return (keys.join(first.withColumnRenamed(S.IMAGE_ID, "first_id"), _SAME).join(shared, "first_id")
             .select(*columns))
+
+
+def _same_content():
+    """The key of identical contents; a row without a hash is its own content."""
+    return F.coalesce(F.col(S.CONTENT_SHA256), F.concat(F.lit("id:"), F.col(S.IMAGE_ID)))
 
 
 def derived_config(config: Config, name: str, **overrides) -> Config:
@@ -214,10 +218,10 @@ def _keys(compared: DataFrame, *kinds: str) -> DataFrame:
 ONE_SIDE_REASON = "wider than tall: its sideways copies are found from their side"
 
 
-def _write_views(spark: SparkSession, config: Config, images: DataFrame, table: DataFrame,
-                 views: tuple[int, ...]) -> None:
-    """Write the rotated-view tables where the search looks for them (its rebuild then finds them fresh)."""
-    for r in views:
+def _view_writes(spark: SparkSession, config: Config, images: DataFrame, table: DataFrame,
+                 views: tuple[int, ...]) -> list:
+    """Writes of the rotated-view tables where the search looks for them (its rebuild then finds them fresh)."""
+    def write(r: int) -> None:
         _, target = rotated_table(config, r)
         vector = F.col(view_column(r))
         # A quarter turn not embedded (one side of each pair suffices) is a skipped row, not an error.
@@ -227,7 +231,22 @@ def _write_views(spark: SparkSession, config: Config, images: DataFrame, table: 
                     S.ERROR: F.when(skipped, F.lit(ONE_SIDE_REASON)).otherwise(F.col(S.ERROR)).alias(S.ERROR)}
         rotated = table.select(*[replaced.get(c, F.col(c)) for c in S.EMBEDDING_TABLE.fieldNames()])
         tables.write_table(rotated, target, metadata=rotated_meta(config, r, images))
-    log.info("rotated views %s embedded in the same pass", list(views))
+
+    return [lambda r=r: write(r) for r in views]
+
+
+def _run_together(writes: list) -> None:
+    """Independent table writes at once: each is a short chain of Spark jobs on a small table,
+    mostly scheduling latency, so they overlap (the first error is raised after all ended)."""
+    if len(writes) == 1:
+        writes[0]()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="write") as pool:
+        futures = [pool.submit(w) for w in writes]
+    for future in futures:
+        future.result()
 
 
 def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict:
@@ -252,6 +271,7 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
         else:
             log.info("previous embedding table at %s was made by another model or version: not reused", target)
     views: tuple[int, ...] = ()
+    writes: list = []
     if previous is None:
         changes = {"reused": 0, "new": ok.count(), "changed": 0, "deleted": 0}
         views = _views_for(config, registry.encoder_for(config))
@@ -259,8 +279,9 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
         if views:
             # One pass computes every view; it is kept (executor memory) while the tables are written.
             table = table.localCheckpoint()
-            _write_views(spark, config, images, table, views)
+            writes = _view_writes(spark, config, images, table, views)
             table = table.select(*S.EMBEDDING_TABLE.fieldNames())
+            log.info("rotated views %s embedded in the same pass", list(views))
     else:
         current = ok.select(S.IMAGE_ID, S.CONTENT_SHA256)
         before = previous.select(S.IMAGE_ID, F.col(S.CONTENT_SHA256).alias("previous_sha256"))
@@ -277,14 +298,16 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
         fresh = (build_embedding_table(spark, config, todo) if changes["new"] + changes["changed"]
                  else spark.createDataFrame([], S.EMBEDDING_TABLE))
         table = kept.select(*S.EMBEDDING_TABLE.fieldNames()).unionByName(fresh)
-    tables.write_table(table, target, metadata=fingerprint)
+    _run_together(writes + [lambda: tables.write_table(table, target, metadata=fingerprint)])
     written = tables.read_table(spark, target, "embedding table")
-    counts = {S.STATUS_OK: 0, S.STATUS_ERROR: 0}
-    counts.update({r[S.STATUS]: r["count"] for r in written.groupBy(S.STATUS).count().collect()})
+    row = written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(_same_content()).alias("distinct"),
+                      *[F.sum((F.col(S.STATUS) == status).cast("long")).alias(status)
+                        for status in (S.STATUS_OK, S.STATUS_ERROR)]).first()
+    counts = {status: int(row[status] or 0) for status in (S.STATUS_OK, S.STATUS_ERROR)}
     counts.update(changes)
     counts["embedded"] = changes["new"] + changes["changed"]
     # Rows sharing another row's embedding because their bytes are the same (embedded once).
-    counts["exact_copies"] = written.count() - written.select(S.CONTENT_SHA256).distinct().count()
+    counts["exact_copies"] = int(row["rows"]) - int(row["distinct"])
     log.info("embedded with %s: %s", config.embed.backbone, counts)
     return counts
 

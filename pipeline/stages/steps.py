@@ -133,10 +133,11 @@ def index_step(spark: SparkSession, config: Config) -> dict[str, Any]:
     return metrics
 
 
-def dedup_step(spark: SparkSession, config: Config) -> dict[str, Any]:
+def dedup_step(spark: SparkSession, config: Config, on_lists=None) -> dict[str, Any]:
+    """``on_lists``: see :func:`pipeline.stages.dedup.dedup`."""
     metrics: dict[str, Any] = {}
     with timed("dedup", metrics), progress.spark_stage(spark, "dedup", config.progress):
-        counts = dd.dedup(spark, config)
+        counts = dd.dedup(spark, config, on_lists)
     metrics.update(counts)
     tracking.log_metrics(metrics)
     return metrics
