@@ -281,7 +281,8 @@ def dedup(spark: SparkSession, config: Config, on_lists: Callable[[float], None]
     # Above the explicit broadcast limit adaptive execution must not broadcast either: at 1M
     # images it broadcast the levels while scoring the candidates and the 2 GB local driver
     # failed ("Not enough memory to build and broadcast the table").
-    with tables.no_auto_broadcast(spark) if images > tables.BROADCAST_MAX_ROWS else contextlib.nullcontext():
+    with tables.no_auto_broadcast(spark) if images > tables.BROADCAST_MAX_ROWS else contextlib.nullcontext(), \
+            tables.sized_shuffles(spark, images):
         counts, threshold, score = _dedup(spark, config, index_meta, on_lists)
     log.info("dedup %s at %s threshold %.3f: %s", method, score, threshold, counts)
     return counts

@@ -258,6 +258,12 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     changed / deleted (against the previous table) and embedded (model calls this run).
     ``incremental=False`` embeds everything again (benchmarks that time the model want that).
     """
+    images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
+    with tables.sized_shuffles(spark, images.count()):
+        return _embed(spark, config, incremental)
+
+
+def _embed(spark: SparkSession, config: Config, incremental: bool) -> dict:
     workdir = storage.Workdir.of(config.workdir)
     images = tables.read_table(spark, workdir.images, "image table")
     target = workdir.embeddings(config.embed.backbone)

@@ -164,7 +164,8 @@ class _StateWriter:
 
     def _write(self, session: SparkSession) -> None:
         started = time.perf_counter()
-        with tables.no_auto_broadcast(session):
+        index = ix.IndexInfo.load(storage.Workdir.of(self.config.workdir).index_dir(self.config.embed.backbone))
+        with tables.no_auto_broadcast(session), tables.sized_shuffles(session, int(index.meta["count"])):
             write_state(session, self.config, self.threshold)
         self.seconds = time.perf_counter() - started
         log.info("incremental state written in %.1fs", self.seconds)

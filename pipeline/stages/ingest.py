@@ -392,12 +392,13 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
         listing_frame(spark, config.ingest.input, config.ingest.follow_symlinks).write.parquet(scratch)
         listed = first_walks_only(spark.read.parquet(scratch))
         previous = _previous_rows(spark, workdir.images, config)
+        n = listed.count()
         if previous is None:
-            n = listed.count()
             if n == 0:
                 raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
             changes = {"reused": 0, "new": n, "changed": 0, "deleted": 0}
-            table, persisted = describe_listing(listed, config)
+            with tables.sized_shuffles(spark, n):
+                table, persisted = describe_listing(listed, config)
         else:
             plan = plan_changes(listed, previous).persist(StorageLevel.MEMORY_AND_DISK)
             persisted.append(plan)
@@ -410,12 +411,14 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
             described, more = describe_listing(plan.where(F.col("change").isin("new", "changed")), config)
             persisted += more
             table = kept.select(*S.IMAGE_TABLE.fieldNames()).unionByName(described)
-        tables.write_table(table, workdir.images, metadata=table_metadata(config))
+        with tables.sized_shuffles(spark, n):
+            tables.write_table(table, workdir.images, metadata=table_metadata(config))
     finally:
         for df in persisted:
             df.unpersist()
         tables.remove(spark, scratch)
-    report = summarize(tables.read_table(spark, workdir.images, "image table"))
+    with tables.sized_shuffles(spark, n):
+        report = summarize(tables.read_table(spark, workdir.images, "image table"))
     report.changes = changes
     log.info("ingested %d files: %s (%s)", report.total, report.by_status, changes)
     return report
