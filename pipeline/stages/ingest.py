@@ -235,8 +235,9 @@ def _pack(sizes: Iterable[int], max_bytes: int, state: list[int]) -> list[int]:
     return out
 
 
-def assign_shards(rows: DataFrame, max_shard_bytes: int) -> tuple[DataFrame, int, list[DataFrame]]:
-    """Add ``shard``: consecutive (path-ordered) rows packed into shards of at most ``max_shard_bytes``.
+def assign_shards(rows: DataFrame, max_shard_bytes: int, min_shards: int = 1) -> tuple[DataFrame, int, list[DataFrame]]:
+    """Add ``shard``: consecutive (path-ordered) rows packed into shards of at most ``max_shard_bytes``,
+    smaller if that makes fewer than ``min_shards`` (while there are that many rows).
 
     Returns the rows, the number of shards and what was persisted (unpersist it after use).
     Computed in Spark: rows are range-partitioned by path, packed within each range, and
@@ -245,6 +246,9 @@ def assign_shards(rows: DataFrame, max_shard_bytes: int) -> tuple[DataFrame, int
     n, total = rows.agg(F.count(F.lit(1)), F.coalesce(F.sum(S.SIZE_BYTES), F.lit(0))).first()
     if n == 0:
         return rows.withColumn("shard", F.lit(0)), 0, []
+    # A shard is one describing task: a metadata table of 100k files (25 MB) would be one shard,
+    # so one core would hash and probe every file while the others wait.
+    max_shard_bytes = max(1, min(max_shard_bytes, -(-int(total) // max(1, min(min_shards, int(n))))))
     n_ranges = max(1, math.ceil(total / (max_shard_bytes * SHARDS_PER_RANGE)))
     ranged = (rows.repartitionByRange(n_ranges, S.PATH).sortWithinPartitions(S.PATH)
               .withColumn("_range", F.spark_partition_id()).persist(StorageLevel.MEMORY_AND_DISK))
@@ -306,7 +310,8 @@ def describe_listing(rows: DataFrame, config: Config) -> tuple[DataFrame, list[D
         # Shards are sized by what they will hold: metadata rows, not image bytes.
         listed = listed.withColumn("_listed_size", F.col(S.SIZE_BYTES)).withColumn(
             S.SIZE_BYTES, F.lit(METADATA_ROW_BYTES).cast("long"))
-    sharded, n_shards, persisted = assign_shards(listed, config.ingest.max_shard_bytes)
+    sharded, n_shards, persisted = assign_shards(listed, config.ingest.max_shard_bytes,
+                                                 min_shards=rows.sparkSession.sparkContext.defaultParallelism)
     if not store_content:
         sharded = sharded.withColumn(S.SIZE_BYTES, F.col("_listed_size")).drop("_listed_size")
     if n_shards == 0:

@@ -210,6 +210,21 @@ def test_shards_are_size_bounded_path_ranges_one_per_task(spark):
     assert order == sorted(order)
 
 
+def test_a_small_metadata_table_still_gets_a_shard_per_core(spark):
+    # 300 files of 256 B fit one 128 MiB shard; with min_shards=2 two tasks describe them.
+    rows = spark.createDataFrame([(L.image_id_for(f"/q/{i:04d}.jpg"), f"/q/{i:04d}.jpg", None, 256, None, None, "error")
+                                  for i in range(300)], ing.LISTING_SCHEMA)
+    sharded, n_shards, persisted = ing.assign_shards(rows, 128 * 2 ** 20, min_shards=2)
+    counts = sorted(r["count"] for r in sharded.groupBy("shard").count().collect())
+    for df in persisted:
+        df.unpersist()
+    assert n_shards == 2 and counts == [150, 150]
+    _, one, persisted = ing.assign_shards(rows, 128 * 2 ** 20)
+    for df in persisted:
+        df.unpersist()
+    assert one == 1
+
+
 # --------------------------------------------------------------- incremental
 def test_plan_compares_path_size_and_time(spark):
     t0 = dt.datetime(2024, 1, 1, 12, 0, 0, 123456)
