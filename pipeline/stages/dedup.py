@@ -381,12 +381,9 @@ def write_groups(spark: SparkSession, config: Config, threshold: float, score: s
     finally:
         tables.remove(spark, scratch)
     groups = tables.read_table(spark, workdir.groups(method), "groups table")
-    counts = {
-        "pairs": pairs.count(),
-        "groups": groups.select(S.GROUP_ID).distinct().count(),
-        "images_in_groups": groups.count(),
-        "images_to_remove": groups.where(~F.col(S.KEEP)).count(),
-    }
+    row = groups.agg(F.countDistinct(S.GROUP_ID).alias("groups"), F.count(F.lit(1)).alias("images_in_groups"),
+                     F.sum((~F.col(S.KEEP)).cast("long")).alias("images_to_remove")).first()
+    counts = {"pairs": pairs.count(), **{k: int(row[k] or 0) for k in ("groups", "images_in_groups", "images_to_remove")}}
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})

@@ -100,13 +100,14 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT, S.PATH)
     same = _same_content().alias(_SAME)
     keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
-    first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
-    copies = keys.count() - first.count()
+    counted = keys.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(_SAME).alias("distinct")).first()
+    copies = int(counted["rows"]) - int(counted["distinct"])
     todo = ok
     if copies:
+        first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
         # Only the (small) ids travel: the rows (with image bytes, when stored) are filtered where they lie.
         chosen = first.select(S.IMAGE_ID)
-        todo = ok.join(F.broadcast(chosen) if first.count() <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
+        todo = ok.join(F.broadcast(chosen) if int(counted["distinct"]) <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
         log.info("%d exact copies (same content_sha256) share the embedding of their first image", copies)
     # At least one partition per core, so a small corpus still uses every executor core.
     n = max(todo.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
