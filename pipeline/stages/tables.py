@@ -222,15 +222,31 @@ def shuffle_partitions_for(spark: SparkSession, images: int) -> int:
     return max(1, min(configured, wanted))
 
 
+# Below this many images a job runs without adaptive execution: its shuffles are already sized
+# (above), and adaptive execution runs every shuffle stage as a job of its own and re-plans
+# after it, a fixed cost per shuffle that was 2 s of a 28 s run on 2,800 images (measured
+# side by side, 2026-12-01). Larger jobs keep it: partition coalescing, skew handling,
+# broadcast joins chosen from measured sizes.
+ADAPTIVE_MIN_IMAGES = 20_000
+ADAPTIVE = "spark.sql.adaptive.enabled"
+
+
 @contextlib.contextmanager
 def sized_shuffles(spark: SparkSession, images: int) -> Iterator[None]:
-    """Shuffles of the enclosed jobs start from :func:`shuffle_partitions_for` partitions."""
-    before = spark.conf.get(SHUFFLE_PARTITIONS)
+    """Shuffles of the enclosed jobs start from :func:`shuffle_partitions_for` partitions; below
+    :data:`ADAPTIVE_MIN_IMAGES` images, without adaptive execution."""
+    before = {k: spark.conf.get(k, None) for k in (SHUFFLE_PARTITIONS, ADAPTIVE)}
     spark.conf.set(SHUFFLE_PARTITIONS, str(shuffle_partitions_for(spark, images)))
+    if int(images) < ADAPTIVE_MIN_IMAGES:
+        spark.conf.set(ADAPTIVE, "false")
     try:
         yield
     finally:
-        spark.conf.set(SHUFFLE_PARTITIONS, before)
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 @contextlib.contextmanager
