@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["tensorflow-fp32", "openvino-fp32", "openvino-bf16",
                                                           "openvino-int8"])
     parser.add_argument("--out")
+    parser.add_argument("--no-rotations", action="store_true",
+                        help="rank with the upright view only (dedup.rotations=[0]): what the rotated views add")
     args = parser.parse_args(argv)
+    used = slice(0, 1) if args.no_rotations else slice(0, len(VIEWS))
     data = Path(args.data)
     uk_rows, uk = load(data / "ukbench-dev")
     ho_rows, ho = load(data / "holidays-dev")
@@ -83,11 +86,11 @@ def main(argv=None) -> int:
             choice_u, vu = embed(variant, uk, tmp, str(data / "holidays-dev"))
             choice_h, vh = embed(variant, ho, tmp, str(data / "ukbench-dev"))
             names = [r["filename"] for r in uk_rows]
-            order = rankings(vu, vh[0].mean(axis=0))
+            order = rankings(vu[used], vh[0].mean(axis=0))
             ns = metrics.ns_score({names[i]: [names[j] for j in row[:4]] for i, row in enumerate(order)},
                                   {r["filename"]: r["group"] for r in uk_rows})
             hnames = [r["filename"] for r in ho_rows]
-            order = rankings(vh, vu[0].mean(axis=0))
+            order = rankings(vh[used], vu[0].mean(axis=0))
             group = [r["group"] for r in ho_rows]
             queries = [i for i, r in enumerate(ho_rows) if r["is_query"] in ("1", "true", "True")]
             ranked = {hnames[q]: [hnames[j] for j in order[q] if j != q] for q in queries}

@@ -86,7 +86,7 @@ def section(result: dict, name: str) -> str:
         + (f"a warm-up run over the first 64 images, {result['warm_up_seconds']:.1f} s (Python workers started "
            "and their imports, the model loaded in them, the JVM's first Parquet and shuffle code paths). "
            if "warm_up_seconds" in result else "nothing else (older result: no warm-up run). ")
-        + "Each run converts the model to OpenVINO in its own new workdir (inside its embed stage). "
+        + "Each run has a new workdir; the OpenVINO model converted and checked by the warm-up is copied into it from the user cache (`~/.cache/neardup/openvino`), inside its embed stage. "
         f"Embed stage alone: {_f(b.get('embed_images_per_second'))} images/s including decode "
         f"({(b.get('embed_images_per_second') or 0) / plain:.2f}× the plain loop, which excludes decode).",
         END,
