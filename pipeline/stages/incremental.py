@@ -31,7 +31,6 @@ artifact included), the full path runs and the log says why.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Iterator
 
@@ -49,6 +48,7 @@ from pipeline.stages import embed as em
 from pipeline.stages import incremental_knn as knn
 from pipeline.stages import index as ix
 from pipeline.stages import progress, rerank, steps, tables, tracking
+from pipeline.stages.state_writer import StateWriter
 from pipeline.stages.timing import timed
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
     encoder = registry.encoder_for(config)
     state = None
     if config.dedup.incremental != "never" and not encoder.binary and config.dedup.qe_k == 0:
-        state = _StateWriter(spark, config)
+        state = StateWriter(spark, config, write_state)
     try:
         metrics.update(steps.dedup_step(spark, config, on_lists=state.start if state else None))
     except BaseException:
@@ -126,67 +126,6 @@ def dedup_step(spark: SparkSession, config: Config, rebuild_index: bool) -> dict
             state.finish()
     tracking.log_metrics(metrics)
     return metrics
-
-
-# At most this many images: the state is written while the dedup writes its pairs and groups.
-# Both are then chains of short Spark jobs, mostly waiting on scheduling, so they overlap on
-# the same cores (a 2,800-image run: 4.3 s of state, most of it hidden). Larger tables are
-# compute- and memory-bound: written after the dedup, one heavy job at a time.
-CONCURRENT_STATE_MAX_IMAGES = 200_000
-
-
-class _StateWriter:
-    """Writes the incremental state of a full dedup, once its kNN lists and DBA store exist."""
-
-    def __init__(self, spark: SparkSession, config: Config):
-        self.spark, self.config = spark, config
-        self.threshold: float | None = None
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-
-    def start(self, threshold: float) -> None:
-        self.threshold = float(threshold)
-        index = ix.IndexInfo.load(storage.Workdir.of(self.config.workdir).index_dir(self.config.embed.backbone))
-        if int(index.meta["count"]) > CONCURRENT_STATE_MAX_IMAGES:
-            return
-        # A session of its own: the same SparkContext, but its SQL settings (no auto broadcast)
-        # do not leak into the dedup's joins running meanwhile.
-        session = self.spark.newSession()
-        self.thread = threading.Thread(target=self._run, args=(session,), name="incremental-state", daemon=True)
-        self.thread.start()
-
-    def _run(self, session: SparkSession) -> None:
-        try:
-            self._write(session)
-        except BaseException as exc:  # re-raised by finish(), in the job's thread
-            self.error = exc
-
-    def _write(self, session: SparkSession) -> None:
-        started = time.perf_counter()
-        index = ix.IndexInfo.load(storage.Workdir.of(self.config.workdir).index_dir(self.config.embed.backbone))
-        with tables.no_auto_broadcast(session), tables.sized_shuffles(session, int(index.meta["count"])):
-            write_state(session, self.config, self.threshold)
-        self.seconds = time.perf_counter() - started
-        log.info("incremental state written in %.1fs", self.seconds)
-
-    def finish(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            if self.error is not None:
-                raise self.error
-            return
-        if self.threshold is None:  # the dedup did not call back: read what it committed
-            workdir = storage.Workdir.of(self.config.workdir)
-            self.threshold = float(storage.read_metadata(workdir.pairs(self.config.embed.backbone))["threshold"])
-        self._write(self.spark)
-
-    def abandon(self) -> None:
-        """The dedup failed: a state written meanwhile would not match the pairs on disk."""
-        if self.thread is None:
-            return
-        self.thread.join()
-        tables.remove(self.spark, storage.Workdir.of(self.config.workdir).incremental(self.config.embed.backbone))
 
 
 # ------------------------------------------------------------------ state
