@@ -261,12 +261,11 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     """
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
     with tables.sized_shuffles(spark, images.count()):
-        return _embed(spark, config, incremental)
+        return _embed(spark, config, images, incremental)
 
 
-def _embed(spark: SparkSession, config: Config, incremental: bool) -> dict:
+def _embed(spark: SparkSession, config: Config, images: DataFrame, incremental: bool) -> dict:
     workdir = storage.Workdir.of(config.workdir)
-    images = tables.read_table(spark, workdir.images, "image table")
     target = workdir.embeddings(config.embed.backbone)
     tables.recover_table(spark, target)
     fingerprint = model_fingerprint(config)

@@ -30,15 +30,16 @@ class StateWriter:
     def __init__(self, spark: SparkSession, config: Config,
                  write_state: Callable[[SparkSession, Config, float], None]):
         self.spark, self.config, self.write_state = spark, config, write_state
+        # The index this dedup searches (built before the writer is made).
+        index = ix.IndexInfo.load(storage.Workdir.of(config.workdir).index_dir(config.embed.backbone))
+        self.images = int(index.meta["count"])
         self.threshold: float | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.seconds = 0.0
 
     def start(self, threshold: float) -> None:
         self.threshold = float(threshold)
-        index = ix.IndexInfo.load(storage.Workdir.of(self.config.workdir).index_dir(self.config.embed.backbone))
-        if int(index.meta["count"]) > CONCURRENT_STATE_MAX_IMAGES:
+        if self.images > CONCURRENT_STATE_MAX_IMAGES:
             return
         # A session of its own: the same SparkContext, but its SQL settings (no auto broadcast)
         # do not leak into the dedup's joins running meanwhile.
@@ -54,11 +55,9 @@ class StateWriter:
 
     def _write(self, session: SparkSession) -> None:
         started = time.perf_counter()
-        index = ix.IndexInfo.load(storage.Workdir.of(self.config.workdir).index_dir(self.config.embed.backbone))
-        with tables.no_auto_broadcast(session), tables.sized_shuffles(session, int(index.meta["count"])):
+        with tables.no_auto_broadcast(session), tables.sized_shuffles(session, self.images):
             self.write_state(session, self.config, self.threshold)
-        self.seconds = time.perf_counter() - started
-        log.info("incremental state written in %.1fs", self.seconds)
+        log.info("incremental state written in %.1fs", time.perf_counter() - started)
 
     def finish(self) -> None:
         if self.thread is not None:

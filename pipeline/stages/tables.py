@@ -235,18 +235,11 @@ ADAPTIVE = "spark.sql.adaptive.enabled"
 def sized_shuffles(spark: SparkSession, images: int) -> Iterator[None]:
     """Shuffles of the enclosed jobs start from :func:`shuffle_partitions_for` partitions; below
     :data:`ADAPTIVE_MIN_IMAGES` images, without adaptive execution."""
-    before = {k: spark.conf.get(k, None) for k in (SHUFFLE_PARTITIONS, ADAPTIVE)}
-    spark.conf.set(SHUFFLE_PARTITIONS, str(shuffle_partitions_for(spark, images)))
+    settings = {SHUFFLE_PARTITIONS: str(shuffle_partitions_for(spark, images))}
     if int(images) < ADAPTIVE_MIN_IMAGES:
-        spark.conf.set(ADAPTIVE, "false")
-    try:
+        settings[ADAPTIVE] = "false"
+    with session_settings(spark, settings):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 @contextlib.contextmanager
@@ -258,15 +251,22 @@ def no_auto_broadcast(spark: SparkSession) -> Iterator[None]:
     to build and broadcast the table", the incremental state at 100k images). Explicit
     broadcast hints (:func:`lookup`) still apply.
     """
-    keys = ("spark.sql.autoBroadcastJoinThreshold", "spark.sql.adaptive.autoBroadcastJoinThreshold")
-    before = {k: spark.conf.get(k, None) for k in keys}
-    for k in keys:
-        spark.conf.set(k, "-1")
+    with session_settings(spark, {"spark.sql.autoBroadcastJoinThreshold": "-1",
+                                  "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1"}):
+        yield
+
+
+@contextlib.contextmanager
+def session_settings(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """SQL settings of ``spark`` for the enclosed jobs; the previous values (or none) afterwards."""
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
     try:
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
             else:
-                spark.conf.set(k, v)
+                spark.conf.set(key, value)
