@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.label).strip("-") or "run"  # a label may hold "/" or spaces
-    (out / f"ingest-{slug}-{int(time.time())}.json").write_text(json.dumps(result, indent=1))
+    (out / f"ingest-{slug}-{time.strftime('%Y%m%dT%H%MZ', time.gmtime())}.json").write_text(json.dumps(result, indent=1))
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
