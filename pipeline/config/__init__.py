@@ -111,7 +111,7 @@ class IndexSettings:
     pq_m: int = 16
     pq_bits: int = 8
     hnsw_m: int = 32
-    nprobe: int = 16
+    nprobe: int = 0  # 0: from the list count (faiss_index.auto_nprobe: 16 up to 1,024 lists, then 16*sqrt(nlist/1024))
     ef_search: int = 128
     # Training vectors for IVF / PQ: at most this many (0: 64 per list); streamed through Parquet.
     train_sample: int = 100_000
@@ -317,8 +317,8 @@ class Config:
             raise ConfigError(f"index.max_memory must be at least 16m, got {self.index.max_memory!r}")
         if self.index.sq_type not in ("fp16", "8bit"):
             raise ConfigError(f"index.sq_type must be fp16 or 8bit, got {self.index.sq_type!r}")
-        if self.index.nprobe < 1 or self.index.query_block < 1 or self.index.train_sample < 0:
-            raise ConfigError("index.nprobe and index.query_block must be >= 1, index.train_sample >= 0; got "
+        if self.index.nprobe < 0 or self.index.query_block < 1 or self.index.train_sample < 0:
+            raise ConfigError("index.nprobe must be >= 0 (0: from the list count), index.query_block >= 1, index.train_sample >= 0; got "
                               f"{self.index.nprobe!r}, {self.index.query_block!r}, {self.index.train_sample!r}")
         if self.index.use_gpu not in ("auto", "never", "always"):
             raise ConfigError(f"index.use_gpu must be auto, never or always, got {self.index.use_gpu!r}")

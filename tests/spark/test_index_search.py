@@ -92,9 +92,13 @@ def test_plan_sizes_lists_shards_and_training_from_n_and_memory():
 
     plan = faiss_index.plan_index(IndexSettings(), 100_000, 1024)
     assert plan.factory == "IVF1024,SQfp16" and plan.shards == 1 and plan.train_size == 64 * 1024
+    # nprobe follows the list count (recall held at 1M), unless the user forces it.
+    assert plan.nprobe == 16
+    assert faiss_index.plan_index(IndexSettings(), 1_000_000, 1024).nprobe == 32
+    assert faiss_index.plan_index(IndexSettings(nprobe=8), 1_000_000, 1024).nprobe == 8
     big = faiss_index.plan_index(IndexSettings(), 10_000_000, 1024)
     # fp16 codes + ids: 2056 bytes a vector; half of 4 GiB per shard -> about 11 shards.
-    assert big.nlist == 16384 and 10 <= big.shards <= 12 and big.train_size == 100_000
+    assert big.nlist == 16384 and 10 <= big.shards <= 12 and big.train_size == 100_000 and big.nprobe == 64
     assert faiss_index.plan_index(IndexSettings(shards=5), 10_000_000, 1024).shards == 5
     assert faiss_index.plan_index(IndexSettings(), 5000, 1024).factory == "IDMap2,Flat"
     with pytest.raises(ValueError, match="max_memory"):
