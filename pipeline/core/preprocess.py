@@ -34,24 +34,39 @@ def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
     h, w = a.shape[:2]
     corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]).astype(np.float32)
     ref = np.median(corners, axis=0)
-    close = _close_to(a, ref, tol)
-    rows = close.mean(axis=1) >= min_uniform
-    cols = close.mean(axis=0) >= min_uniform
 
-    def span(uniform: np.ndarray, n: int) -> tuple[int, int]:
+    def span(lines: np.ndarray, n: int) -> tuple[int, int]:
+        # Lines (rows, or columns of the transposed view) are tested from each edge inwards,
+        # a block at a time: most photos have no border, so one block a side decides.
+        def uniform(lo: int, hi: int) -> np.ndarray:
+            return _close_to(lines[lo:hi], ref, tol).mean(axis=1) >= min_uniform
+
         lo = 0
-        while lo < n and uniform[lo]:
-            lo += 1
+        while lo < n:
+            block = uniform(lo, min(n, lo + _EDGE_BLOCK))
+            stop = np.flatnonzero(~block)
+            if stop.size:
+                lo += int(stop[0])
+                break
+            lo += len(block)
         hi = n
-        while hi > lo and uniform[hi - 1]:
-            hi -= 1
+        while hi > lo:
+            block = uniform(max(lo, hi - _EDGE_BLOCK), hi)[::-1]
+            stop = np.flatnonzero(~block)
+            if stop.size:
+                hi -= int(stop[0])
+                break
+            hi -= len(block)
         if hi - lo < max(1, int(math.ceil(min_keep * n))):
             return 0, n
         return lo, hi
 
-    top, bottom = span(rows, h)
-    left, right = span(cols, w)
+    top, bottom = span(a, h)
+    left, right = span(a.transpose(1, 0, 2), w)
     return top, left, bottom, right
+
+
+_EDGE_BLOCK = 8  # lines tested at once from each edge by content_box
 
 
 def _close_to(a: np.ndarray, ref: np.ndarray, tol: float) -> np.ndarray:

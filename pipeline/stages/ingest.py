@@ -430,8 +430,11 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
 
 
 def summarize(image_table: DataFrame, top: int = 5) -> IngestReport:
-    rows = image_table.where(F.col(S.STATUS) != S.STATUS_OK).groupBy(S.STATUS, S.ERROR).count().collect()
-    counts = {r[S.STATUS]: r["count"] for r in image_table.groupBy(S.STATUS).count().collect()}
+    rows = image_table.groupBy(S.STATUS, S.ERROR).count().collect()  # one job: statuses and reasons
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r[S.STATUS]] = counts.get(r[S.STATUS], 0) + int(r["count"])
+    rows = [r for r in rows if r[S.STATUS] != S.STATUS_OK]
 
     def most_common(status: str) -> list[tuple[str, int]]:
         reasons = sorted(((r[S.ERROR], r["count"]) for r in rows if r[S.STATUS] == status),

@@ -19,6 +19,7 @@ def test_defaults_and_overrides():
     ("embed.backbone=resnet5", "unknown backbone 'resnet5'"),
     ("dedup.threshold=1.5", "dedup.threshold"),
     ("index.type=ivf", "index.type must be one of"),
+    ("index.nprobe=-1", "index.nprobe must be >= 0"),
     ("embed.weights=/no/such/file.h5", "embed.weights"),
     ("max_error_fraction=2", "max_error_fraction"),
     ("embed.backbone=/no/such/model.keras", "model file not found"),

@@ -57,6 +57,37 @@ def test_trim_borders_crops_plain_borders():
     assert preprocess.content_box(np.full((50, 50, 3), 7, np.uint8)) == (0, 0, 50, 50)  # all plain: untouched
 
 
+def _content_box_every_line(a, tol=24.0, min_uniform=0.98, min_keep=0.25):
+    """The definition, on every row and column at once (content_box tests only the edges)."""
+    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]).astype(np.float32)
+    close = np.abs(a.astype(np.float32) - np.median(corners, axis=0)).max(axis=-1) <= tol
+
+    def span(uniform):
+        n, lo = len(uniform), 0
+        while lo < n and uniform[lo]:
+            lo += 1
+        hi = n
+        while hi > lo and uniform[hi - 1]:
+            hi -= 1
+        return (0, n) if hi - lo < max(1, int(np.ceil(min_keep * n))) else (lo, hi)
+
+    (top, bottom), (left, right) = span(close.mean(axis=1) >= min_uniform), span(close.mean(axis=0) >= min_uniform)
+    return top, left, bottom, right
+
+
+def test_content_box_equals_its_definition_on_bordered_noisy_images():
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        h, w = rng.integers(20, 90, 2)
+        a = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        colour = rng.integers(0, 256, 3)
+        t, b, l, r = (int(rng.integers(0, max(1, s // 2))) for s in (h, h, w, w))  # noqa: E741
+        a[:t], a[h - b:], a[:, :l], a[:, w - r:] = colour, colour, colour, colour
+        speckle = rng.random((h, w)) < rng.choice([0.0, 0.01, 0.05])  # borders a little noisy, or not
+        a[speckle] = rng.integers(0, 256, (int(speckle.sum()), 3))
+        assert preprocess.content_box(a) == _content_box_every_line(a)
+
+
 def test_model_key_records_every_option():
     c = Config.load(None, ["embed.pooling=gem", "embed.gem_p=4", "embed.scales=[1.0, 0.707]"]).validate()
     key = cnn.model_key(c)
