@@ -88,7 +88,8 @@ class EmbedSettings:
     # against TensorFlow, else TensorFlow) | tensorflow (the reference; the GPU path) | openvino.
     runtime: str = "auto"
     # OpenVINO precision: auto (bf16 where the CPU has AMX/AVX512-BF16, else fp32) | fp32 | bf16 |
-    # int8 (post-training quantization calibrated on calibration_input, never the searched images).
+    # int8 (post-training quantization calibrated on calibration_input, never the searched images;
+    # empty: on crops of the photos scikit-image ships).
     precision: str = "auto"
     calibration_input: list[str] = field(default_factory=list)
     # Rotated queries (dedup.rotations): embed the rotated views in the embed stage's pass, from

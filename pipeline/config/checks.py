@@ -43,9 +43,7 @@ def validate_descriptor_options(config: "Config") -> None:
     if e.calibration_images < 16:
         raise ConfigError(f"embed.calibration_images must be >= 16, got {e.calibration_images!r}")
     if e.precision == "int8":
-        if not e.calibration_input:
-            raise ConfigError("embed.precision int8 needs embed.calibration_input: folders of images to calibrate "
-                              "on (not the collection you search)")
+        # Without folders, int8 calibrates on crops of scikit-image's photos (pipeline.core.sample_photos).
         missing = [p for p in e.calibration_input if not os.path.isdir(p)]
         if missing:
             raise ConfigError(f"embed.calibration_input: not a folder: {missing[0]!r}")

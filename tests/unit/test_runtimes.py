@@ -52,22 +52,28 @@ def _ns(vectors: np.ndarray, names, group_of) -> float:
 def test_default_runtime_is_openvino_and_keeps_ns_within_0005(tmp_path, ukbench, reference):
     names, group_of, contents = ukbench
     fn = pickle.loads(pickle.dumps(_embedder(tmp_path, "auto")))  # as shipped to the executors
-    expected = "bf16" if runtimes.native_bf16() else "fp32"
+    expected = "int8" if runtimes.native_int8() else "bf16" if runtimes.native_bf16() else "fp32"
     assert (fn.choice.runtime, fn.choice.precision) == ("openvino", expected), fn.choice
     vectors, errors = fn(contents)
     assert not any(errors)
     got = np.stack(vectors)
     cosine = np.sum(got * reference, axis=1)
-    assert cosine.min() > 0.97 and cosine.mean() > 0.995, (cosine.min(), cosine.mean())
+    # int8 (calibrated on the built-in photos) moves descriptors more than bf16; N-S below holds for both.
+    least, mean = {"int8": (0.9, 0.97)}.get(expected, (0.97, 0.995))
+    assert cosine.min() > least and cosine.mean() > mean, (cosine.min(), cosine.mean())
     reference_ns, ns = _ns(reference, names, group_of), _ns(got, names, group_of)
     assert reference_ns > 3.9  # the weights loaded
     assert abs(ns - reference_ns) <= 0.005, (ns, reference_ns)
 
 
-@pytest.mark.parametrize("precision,min_cosine", [("fp32", 0.9999), ("bf16", 0.97), ("int8", 0.85)])
-def test_each_precision_close_to_tensorflow(tmp_path, ukbench, reference, precision, min_cosine):
-    extra = [f"embed.calibration_input=[{shared_path('data', 'holidays-dev')}]", "embed.calibration_images=64"
-             ] if precision == "int8" else []
+@pytest.mark.parametrize("precision,min_cosine,calibration", [
+    ("fp32", 0.9999, None), ("bf16", 0.97, None), ("int8", 0.85, "holidays-dev"),
+    ("int8", 0.85, "builtin"),  # no folders: crops of scikit-image's photos
+])
+def test_each_precision_close_to_tensorflow(tmp_path, ukbench, reference, precision, min_cosine, calibration):
+    extra = []
+    if calibration == "holidays-dev":
+        extra = [f"embed.calibration_input=[{shared_path('data', 'holidays-dev')}]", "embed.calibration_images=64"]
     fn = _embedder(tmp_path, "openvino", precision, *extra)
     assert (fn.choice.runtime, fn.choice.precision) == ("openvino", precision), fn.choice
     sample = slice(0, 500, 25)  # 20 images of 20 groups
@@ -97,8 +103,9 @@ def test_failures_fall_back_to_tensorflow_with_a_reason(tmp_path, ukbench, refer
 def test_precision_settings_are_checked():
     with pytest.raises(ConfigError, match="embed.runtime"):
         Config.load(None, ["embed.runtime=onnx"]).validate()
-    with pytest.raises(ConfigError, match="needs embed.calibration_input"):
-        Config.load(None, ["embed.precision=int8"]).validate()
+    assert Config.load(None, ["embed.precision=int8"]).validate().embed.calibration_input == []  # built-in photos
+    with pytest.raises(ConfigError, match="not a folder"):
+        Config.load(None, ["embed.precision=int8", "embed.calibration_input=[/no/such/folder]"]).validate()
     with pytest.raises(ConfigError, match="TensorFlow runs in fp32"):
         Config.load(None, ["embed.runtime=tensorflow", "embed.precision=bf16"]).validate()
 
