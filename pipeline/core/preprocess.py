@@ -31,11 +31,11 @@ def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
     a = np.asarray(image)
     if a.ndim == 2:
         a = a[..., None]
-    h, w = a.shape[:2]
     corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]).astype(np.float32)
     ref = np.median(corners, axis=0)
 
-    def span(lines: np.ndarray, n: int) -> tuple[int, int]:
+    def span(lines: np.ndarray) -> tuple[int, int]:
+        n = len(lines)
         # Lines (rows, or columns of the transposed view) are tested from each edge inwards,
         # a block at a time: most photos have no border, so one block a side decides.
         def uniform(lo: int, hi: int) -> np.ndarray:
@@ -61,8 +61,8 @@ def content_box(image: Any, tol: float = 24.0, min_uniform: float = 0.98,
             return 0, n
         return lo, hi
 
-    top, bottom = span(a, h)
-    left, right = span(a.transpose(1, 0, 2), w)
+    top, bottom = span(a)
+    left, right = span(a.transpose(1, 0, 2))
     return top, left, bottom, right
 
 

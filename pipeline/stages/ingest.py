@@ -392,18 +392,33 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
     # by the next one.
     tables.remove_siblings(spark, workdir.images, ".listing-")
     scratch = f"{workdir.images}.listing-{uuid.uuid4().hex[:12]}"
-    persisted: list[DataFrame] = []
     try:
         listing_frame(spark, config.ingest.input, config.ingest.follow_symlinks).write.parquet(scratch)
         listed = first_walks_only(spark.read.parquet(scratch))
-        previous = _previous_rows(spark, workdir.images, config)
         n = listed.count()
+        # Every job from here on is over about n files: its shuffles are sized from them.
+        with tables.sized_shuffles(spark, n):
+            changes = _write_image_table(spark, config, listed, n)
+            report = summarize(tables.read_table(spark, workdir.images, "image table"))
+    finally:
+        tables.remove(spark, scratch)
+    report.changes = changes
+    log.info("ingested %d files: %s (%s)", report.total, report.by_status, changes)
+    return report
+
+
+def _write_image_table(spark: SparkSession, config: Config, listed: DataFrame, n: int) -> dict[str, int]:
+    """Describe the new and changed files of the listing, keep the rest of the previous table,
+    write the image table; returns the counts of the changes."""
+    workdir = storage.Workdir.of(config.workdir)
+    previous = _previous_rows(spark, workdir.images, config)
+    persisted: list[DataFrame] = []
+    try:
         if previous is None:
             if n == 0:
                 raise ValueError(f"no files found under {', '.join(config.ingest.input)}")
             changes = {"reused": 0, "new": n, "changed": 0, "deleted": 0}
-            with tables.sized_shuffles(spark, n):
-                table, persisted = describe_listing(listed, config)
+            table, persisted = describe_listing(listed, config)
         else:
             plan = plan_changes(listed, previous).persist(StorageLevel.MEMORY_AND_DISK)
             persisted.append(plan)
@@ -416,17 +431,11 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
             described, more = describe_listing(plan.where(F.col("change").isin("new", "changed")), config)
             persisted += more
             table = kept.select(*S.IMAGE_TABLE.fieldNames()).unionByName(described)
-        with tables.sized_shuffles(spark, n):
-            tables.write_table(table, workdir.images, metadata=table_metadata(config))
+        tables.write_table(table, workdir.images, metadata=table_metadata(config))
     finally:
         for df in persisted:
             df.unpersist()
-        tables.remove(spark, scratch)
-    with tables.sized_shuffles(spark, n):
-        report = summarize(tables.read_table(spark, workdir.images, "image table"))
-    report.changes = changes
-    log.info("ingested %d files: %s (%s)", report.total, report.by_status, changes)
-    return report
+    return changes
 
 
 def summarize(image_table: DataFrame, top: int = 5) -> IngestReport:
