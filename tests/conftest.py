@@ -44,12 +44,12 @@ os.environ.setdefault("NEARDUP_MODEL_CACHE", tempfile.mkdtemp(prefix="neardup-mo
 def spark():
     from pyspark.sql import SparkSession
 
-    from pipeline.stages.session import BASE_CONF
+    from pipeline.stages.session import BASE_CONF, LOCAL_CONF
 
     # local[2,4]: up to 4 attempts per task, as on a cluster; plain local[2] gives each task a
     # single attempt, and the fault tests check that Spark's retry recovers a killed worker.
     builder = SparkSession.builder.master("local[2,4]").appName("neardup-tests")
-    for key, value in {**BASE_CONF, "spark.sql.shuffle.partitions": "4",
+    for key, value in {**BASE_CONF, **LOCAL_CONF, "spark.sql.shuffle.partitions": "4",
                        "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
                        "spark.driver.memory": "2g"}.items():
         builder = builder.config(key, value)
