@@ -26,6 +26,29 @@ def end_to_end(run: dict) -> tuple[float, float]:
     return seconds, run["images"] / seconds
 
 
+def _check(value: float | None, goal: float) -> str:
+    return "not measured" if value is None else f"{value:.2f}× {'✓' if value >= goal else '✗'}"
+
+
+def targets(result: dict) -> str:
+    """Issue 10's speed targets, as this run measured them (the defaults are the first run)."""
+    plain = result["plain_keras"]["images_per_second"]
+    b = result["pipeline"][0]
+    ours = end_to_end(b)[1]
+    peers = result.get("peers", {})
+
+    def versus(name: str) -> float | None:
+        p = peers.get(name, {})
+        return ours / p["images_per_second"] if p.get("images_per_second") else None
+
+    embed = b.get("embed_images_per_second")
+    return ("Targets (issue 10), this run: defaults end to end ≥ 1.0× the plain Keras loop: "
+            f"{_check(ours / plain, 1.0)}; ≥ 2× imagededup: {_check(versus('imagededup'), 2.0)}; "
+            f"≥ 1× fastdup: {_check(versus('fastdup'), 1.0)}; embed stage alone ≥ 2× the plain loop: "
+            f"{_check(embed / plain if embed else None, 2.0)}. (The accuracy targets are measured by the "
+            "evaluation code on ukbench-dev and holidays-dev, not here: see Accuracy.)")
+
+
 def section(result: dict, name: str) -> str:
     m = result["machine"]
     plain = result["plain_keras"]["images_per_second"]
@@ -77,6 +100,7 @@ def section(result: dict, name: str) -> str:
         lines.append(f"| {label} {p.get('version', '')} | {_f(p['images_per_second'])} | "
                      f"{p['images_per_second'] / plain:.2f} | {scores} |")
     b = result["pipeline"][0]
+    lines += ["", targets(result)]
     stages = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in b["stage_seconds"].items()
                        if k.removesuffix("_seconds") in RUN_STAGES)
     lines += [
