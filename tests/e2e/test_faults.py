@@ -106,6 +106,20 @@ def test_a_staging_folder_is_never_read_as_the_table(spark, tmp_path):
     assert not list(Path(storage.local_path_of(uri)).parent.glob("images.staging-*"))
 
 
+def test_a_replaced_table_is_read_with_its_own_schema(spark, tmp_path):
+    """read_table keeps the schema it inferred per committed write: a replacement, with other
+    columns, under the same path, is read with its own (never the kept one)."""
+    uri = _images_uri(make_config(tmp_path / "work"))
+    tables.write_table(spark.createDataFrame([(1, "a")], "x int, s string"), uri)
+    first = tables.read_table(spark, uri, "image table")
+    again = tables.read_table(spark, uri, "image table")  # the kept schema, no inference
+    assert again.schema == first.schema and [tuple(r) for r in again.collect()] == [(1, "a")]
+    tables.write_table(spark.createDataFrame([(2.5, [1, 2])], "y double, v array<int>"), uri)
+    replaced = tables.read_table(spark, uri, "image table")
+    assert replaced.columns == ["y", "v"] and [tuple(r) for r in replaced.collect()] == [(2.5, [1, 2])]
+    assert tables.read_table(spark, uri, "image table").schema == replaced.schema
+
+
 def test_a_table_without_success_is_a_clear_error(spark, tmp_path):
     config = make_config(tmp_path / "work")
     uri = _images_uri(config)
