@@ -27,11 +27,11 @@ from pipeline.encoders import backbones
 
 log = logging.getLogger(__name__)
 
+# What int8 calibrates on without embed.calibration_input (a new set: a new conversion).
+BUILTIN_CALIBRATION = "builtin: crops of scikit-image photos, v1"
 # Cosine between a converted model's descriptors and TensorFlow's on the check images,
 # below which the converted model is refused (fp32 conversions agree to ~1e-6; bf16 and
 # int8 lose a little: measured 0.997+ for bf16 on MobileNet, see README "Speed").
-# What int8 calibrates on without embed.calibration_input (a new set: a new conversion).
-BUILTIN_CALIBRATION = "builtin: crops of scikit-image photos, v1"
 MIN_COSINE = {"fp32": 0.9999, "bf16": 0.97, "int8": 0.85}
 # ... and the mean cosine (int8 moves a few images a lot, most very little).
 MIN_MEAN_COSINE = {"fp32": 0.9999, "bf16": 0.99, "int8": 0.95}

@@ -95,8 +95,10 @@ def spark_session(config: Config) -> Iterator[SparkSession]:
         # Spark's 1g default failed at 100k images (the incremental state's join of 4 KB
         # vectors), 2g at 1M; the suite pins 2g (conftest) so it also holds on small machines.
         conf["spark.driver.memory"] = local_driver_memory()
-    if not _launched_by_spark_submit() and config.spark.master.startswith("local") and workers_import_pipeline():
-        conf.update({k: v for k, v in LOCAL_CONF.items() if not submitted.contains(k)})
+    local = {k: v for k, v in LOCAL_CONF.items() if not submitted.contains(k)}
+    if local and not _launched_by_spark_submit() and config.spark.master.startswith("local") \
+            and workers_import_pipeline():
+        conf.update(local)
     conf.update({k: str(v) for k, v in config.spark.conf.items()})
     for key, value in conf.items():
         builder = builder.config(key, value)

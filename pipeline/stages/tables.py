@@ -111,9 +111,13 @@ _SCHEMAS_MAX = 256
 
 
 def _data_files(spark: SparkSession, uri: str) -> tuple[str, ...]:
+    """The names of a table's data files; empty (nothing kept) when it has none or is partitioned
+    (partition folders keep their names from one write to the next)."""
     fs, hpath = _hadoop_fs(spark, uri)
-    return tuple(sorted(n for n in (st.getPath().getName() for st in fs.listStatus(hpath))
-                        if not n.startswith(("_", "."))))
+    entries = [st for st in fs.listStatus(hpath) if not st.getPath().getName().startswith(("_", "."))]
+    if any(not st.isFile() for st in entries):
+        return ()
+    return tuple(sorted(st.getPath().getName() for st in entries))
 
 
 def read_table(spark: SparkSession, uri: str, what: str) -> DataFrame:
