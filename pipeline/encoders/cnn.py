@@ -234,7 +234,12 @@ class CnnEncoder(Encoder):
         return backbones.load_embedding_model(self.key()).dim
 
     def fingerprint(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.key())
+        # `precision: auto` differs by CPU (bf16, int8 or fp32): vectors of another precision, or
+        # of another int8 quantization, are not mixed with this machine's in one table.
+        e = self.config.embed
+        precision = "fp32" if e.runtime == "tensorflow" else runtimes.resolve_precision(e.precision)
+        return {**dataclasses.asdict(self.key()), "precision_used": precision,
+                **({"quantization": runtimes.QUANTIZATION} if precision == "int8" else {})}
 
     def runtime(self) -> runtimes.RuntimeChoice:
         """The inference runtime the executors use (decided here, on the driver; see :mod:`runtimes`)."""

@@ -52,8 +52,7 @@ def _ns(vectors: np.ndarray, names, group_of) -> float:
 def test_default_runtime_is_openvino_and_keeps_ns_within_0005(tmp_path, ukbench, reference):
     names, group_of, contents = ukbench
     fn = pickle.loads(pickle.dumps(_embedder(tmp_path, "auto")))  # as shipped to the executors
-    expected = "bf16" if runtimes.native_bf16() else "fp32"
-    assert (fn.choice.runtime, fn.choice.precision) == ("openvino", expected), fn.choice
+    assert (fn.choice.runtime, fn.choice.precision) == ("openvino", runtimes.resolve_precision("auto")), fn.choice
     vectors, errors = fn(contents)
     assert not any(errors)
     got = np.stack(vectors)
@@ -81,21 +80,49 @@ def test_each_precision_close_to_tensorflow(tmp_path, ukbench, reference, precis
     assert cosine.min() >= min_cosine, cosine
 
 
-def test_failures_fall_back_to_tensorflow_with_a_reason(tmp_path, ukbench, reference, caplog):
-    # Too few calibration images: int8 is refused on the driver, TensorFlow runs instead.
+def test_failures_fall_back_with_a_reason(tmp_path, ukbench, reference, caplog):
+    # Too few calibration images: int8 is refused on the driver, OpenVINO fp32 runs instead.
     few = tmp_path / "few"
     few.mkdir()
     for name in ukbench[0][:3]:
         (few / name).write_bytes((shared_path("data", "ukbench-dev") / name).read_bytes())
     fn = _embedder(tmp_path / "w1", "openvino", "int8", f"embed.calibration_input=[{few}]")
-    assert fn.choice.runtime == "tensorflow" and "calibration images" in fn.choice.reason
-    assert "using TensorFlow instead" in caplog.text
+    assert (fn.choice.runtime, fn.choice.precision) == ("openvino", "fp32"), fn.choice
+    assert "calibration images" in fn.choice.reason and "using fp32 instead" in caplog.text
+    vectors, errors = fn(ukbench[2][:2])
+    assert not any(errors) and np.allclose(np.stack(vectors), reference[:2], atol=1e-4)
     # An executor that cannot read the converted model embeds with TensorFlow.
     fn = _embedder(tmp_path / "w2", "openvino", "fp32")
     broken = runtimes.RuntimeChoice("openvino", "fp32", str(tmp_path / "missing.xml"), "test")
     vectors, errors = type(fn)(fn.key, fn.batch_size, fn.max_pixels, fn.tf_threads, broken)(ukbench[2][:2])
     assert not any(errors)
     assert np.allclose(np.stack(vectors), reference[:2], atol=1e-5)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["avx2", "avx512f", "avx512_bf16", "avx512_vnni"], "bf16"),  # native bf16 (AMX or AVX512-BF16)
+    (["avx2", "amx_bf16", "amx_int8", "amx_tile"], "bf16"),
+    (["avx2"], "int8"),  # AVX2 only (the AMD EPYC measured): int8 with the overflow fix
+    (["avx2", "avx_vnni"], "int8"),
+    ([], "fp32"),  # no AVX2: nothing measured faster than fp32
+])
+def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: flags)
+    assert runtimes.resolve_precision("auto") == expected
+    assert runtimes.resolve_precision("fp32") == "fp32"
+
+
+def test_int8_conversions_are_told_apart_by_how_they_were_quantized(monkeypatch, tmp_path):
+    # An int8 IR quantized without the overflow fix (on a VNNI CPU) must not be reused on an AVX2 one.
+    from pipeline.encoders import cnn
+
+    key = cnn.model_key(Config.load(None, []))
+    folders = set()
+    for flags in (["avx2"], ["avx2", "avx512_vnni"]):
+        monkeypatch.setattr(runtimes, "cpu_flags", lambda flags=flags: flags)
+        folders.add(runtimes._ir_folder(key, "int8", str(tmp_path), ["builtin"], "2026.4"))
+        folders.add(runtimes._ir_folder(key, "fp32", str(tmp_path), [], "2026.4"))
+    assert len(folders) == 3  # two int8 IRs, one fp32 IR whatever the CPU
 
 
 def test_precision_settings_are_checked():
