@@ -37,9 +37,9 @@ def load(folder: Path):
     return rows, [(folder / r["filename"]).read_bytes() for r in rows]
 
 
-def embed(variant: str, contents, workdir: str, calibration: str):
+def embed(variant: str, contents, workdir: str, calibration: str, settings=()):
     runtime, precision = variant.split("-")
-    overrides = [f"workdir={workdir}", f"embed.runtime={runtime}", f"embed.precision={precision}"]
+    overrides = [f"workdir={workdir}", f"embed.runtime={runtime}", f"embed.precision={precision}", *settings]
     if precision == "int8" and calibration != "builtin":
         overrides.append(f"embed.calibration_input=[{calibration}]")
     fn = registry.encoder_for(Config.load(None, overrides).validate()).embed_function()
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", default=None,
                         help="int8: calibrate on this folder for both datasets (default: each on the other dataset); "
                              "'builtin': what int8 uses without embed.calibration_input (crops of scikit-image's photos)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another descriptor setting for every variant, e.g. embed.max_side=256")
     parser.add_argument("--no-rotations", action="store_true",
                         help="rank with the upright view only (dedup.rotations=[0]): what the rotated views add")
     args = parser.parse_args(argv)
@@ -81,15 +83,15 @@ def main(argv=None) -> int:
     data = Path(args.data)
     uk_rows, uk = load(data / "ukbench-dev")
     ho_rows, ho = load(data / "holidays-dev")
-    results = {}
+    results: dict = {"calibration": args.calibration or "the other dataset", "settings": args.set,
+                     "rotations": list(VIEWS[used]), "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         calibration = args.calibration
         for variant in args.variants:
             started = time.perf_counter()
             # int8 is calibrated on the other dataset than the one it is scored on (or on --calibration).
-            choice_u, vu = embed(variant, uk, tmp, calibration or str(data / "holidays-dev"))
-            choice_h, vh = embed(variant, ho, tmp, calibration or str(data / "ukbench-dev"))
-            results.setdefault("calibration", calibration or "the other dataset")
+            choice_u, vu = embed(variant, uk, tmp, calibration or str(data / "holidays-dev"), args.set)
+            choice_h, vh = embed(variant, ho, tmp, calibration or str(data / "ukbench-dev"), args.set)
             names = [r["filename"] for r in uk_rows]
             order = rankings(vu[used], vh[0].mean(axis=0))
             ns = metrics.ns_score({names[i]: [names[j] for j in row[:4]] for i, row in enumerate(order)},
@@ -101,10 +103,10 @@ def main(argv=None) -> int:
             ranked = {hnames[q]: [hnames[j] for j in order[q] if j != q] for q in queries}
             relevant = {hnames[q]: {hnames[j] for j in range(len(hnames)) if group[j] == group[q] and j != q}
                         for q in queries}
-            results[variant] = {"runtime_used": f"{choice_u.runtime}-{choice_u.precision}", "ns_score": ns,
+            results["variants"][variant] = {"runtime_used": f"{choice_u.runtime}-{choice_u.precision}", "ns_score": ns,
                                 "map": metrics.mean_average_precision(ranked, relevant),
                                 "seconds": time.perf_counter() - started}
-            print(variant, results[variant], flush=True)
+            print(variant, results["variants"][variant], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
