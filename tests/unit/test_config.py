@@ -51,3 +51,14 @@ def test_yaml_file(tmp_path):
     assert (c.workdir, c.index.type, c.index.hnsw_m) == ("/tmp/x", "hnsw", 16)
     with pytest.raises(ConfigError, match="not found"):
         Config.load(tmp_path / "missing.yaml")
+
+
+def test_the_fast_profile_changes_only_what_it_says():
+    from pathlib import Path
+
+    fast = Config.load(Path(__file__).resolve().parents[2] / "conf" / "fast.yaml")
+    api.validate(fast)
+    default = Config.load(None)
+    assert (fast.embed.max_side, fast.dedup.rotations) == (256, [0])
+    assert (default.embed.max_side, default.dedup.rotations) == (320, [0, 90, 270])
+    assert fast.dedup.threshold == default.dedup.threshold and fast.embed.backbone == default.embed.backbone
