@@ -103,9 +103,9 @@ def main(argv=None) -> int:
             ranked = {hnames[q]: [hnames[j] for j in order[q] if j != q] for q in queries}
             relevant = {hnames[q]: {hnames[j] for j in range(len(hnames)) if group[j] == group[q] and j != q}
                         for q in queries}
-            results["variants"][variant] = {"runtime_used": f"{choice_u.runtime}-{choice_u.precision}", "ns_score": ns,
-                                "map": metrics.mean_average_precision(ranked, relevant),
-                                "seconds": time.perf_counter() - started}
+            results["variants"][variant] = {"runtime_used": f"{choice_u.runtime}-{choice_u.precision}",
+                                            "ns_score": ns, "map": metrics.mean_average_precision(ranked, relevant),
+                                            "seconds": time.perf_counter() - started}
             print(variant, results["variants"][variant], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
