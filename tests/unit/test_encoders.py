@@ -64,3 +64,18 @@ def test_a_vocabulary_is_required_before_spark_starts(tmp_path):
         api.preflight("embed", Config.load(None, [f"workdir={tmp_path}", "embed.backbone=bow"]))
     with pytest.raises(ConfigError, match="unknown backbone 'resnet5'"):
         api.validate(Config.load(None, ["embed.backbone=resnet5"]))
+
+
+@pytest.mark.parametrize("flags", [["avx2"], ["avx2", "amx_bf16", "amx_int8"], []])
+def test_fingerprints_tell_int8_vectors_apart_and_keep_the_others(monkeypatch, flags):
+    # int8 vectors get their own fingerprint (not mixed with fp32 / bf16 ones in one table);
+    # fp32 and bf16 keep the fingerprint of earlier versions (no re-embedding of an archive).
+    from pipeline.encoders import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: flags)
+    auto = _encoder("mobilenet").fingerprint()
+    fp32 = _encoder("mobilenet", "embed.precision=fp32").fingerprint()
+    int8 = _encoder("mobilenet", "embed.precision=int8").fingerprint()
+    assert int8["quantization"] == runtimes.QUANTIZATION and "quantization" not in fp32
+    assert ("quantization" in auto) == (runtimes.resolve_precision("auto") == "int8")
+    assert _encoder("mobilenet", "embed.runtime=tensorflow", "embed.precision=auto").fingerprint().keys() == fp32.keys()
