@@ -87,7 +87,7 @@ class EmbedSettings:
     # Inference runtime (issue 10): auto (OpenVINO on CPU when installed and it passes its check
     # against TensorFlow, else TensorFlow) | tensorflow (the reference; the GPU path) | openvino.
     runtime: str = "auto"
-    # OpenVINO precision: auto (bf16 where the CPU has AMX/AVX512-BF16, else fp32) | fp32 | bf16 |
+    # OpenVINO precision: auto (int8 where the CPU has AVX2, else fp32) | fp32 | bf16 |
     # int8 (post-training quantization calibrated on calibration_input, never the searched images;
     # empty: on crops of the photos scikit-image ships).
     precision: str = "auto"

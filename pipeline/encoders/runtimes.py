@@ -83,21 +83,27 @@ def native_int8() -> bool:
 
 
 def resolve_precision(requested: str) -> str:
-    """``auto``: bf16 where the CPU has native bf16 instructions; int8 on other AVX2 CPUs; else fp32.
+    """``auto``: int8 on CPUs with AVX2, else fp32.
 
-    Where bf16 is native, not int8: it ran the model 1.4x faster than bf16 there, but with the
-    fast bias correction of the time (mean cosine 0.98 to fp32) one false pair appeared on the
-    demo corpus (Intel Xeon with AMX, 2026-12-01 03:26 UTC); not re-measured since. Without
-    native bf16 the choice is fp32 or int8, and int8 as :func:`_quantize` makes it ran the
-    model 2x faster at bf16's distance from fp32 (AVX2-only AMD EPYC, 2026-12-01: ukbench-dev
-    N-S 3.984, holidays-dev mAP 0.919, against 3.980 and 0.924 in fp32; the demo 1.000 / 1.000).
-    A model that fails its check falls back to fp32 (:func:`prepare`).
+    int8 as :func:`_quantize` makes it stays at bf16's distance from fp32 and ran the model
+    faster than every other precision on both CPUs measured. On the Intel Xeon with AMX
+    (2026-12-01 11:30 UTC): 1.40x bf16's images/s in the model loop, the default run 170 against
+    146 images/s, ukbench-dev N-S 3.980 and holidays-dev mAP 0.913 (bf16: 3.980, 0.929; fp32:
+    3.980, 0.924), the demo 1.000 / 1.000. On the AVX2-only AMD EPYC: 2x fp32's images/s, N-S
+    3.984, mAP 0.919. A model that fails its check falls back (:func:`fallback_precisions`).
     """
     if requested != "auto":
         return requested
-    if native_bf16():
-        return "bf16"
     return "int8" if "avx2" in cpu_flags() else "fp32"
+
+
+def fallback_precisions(precision: str) -> tuple[str, ...]:
+    """What :func:`prepare` tries, in order: the precision, then bf16 where the CPU computes it
+    natively (after a failed int8), then fp32, the fastest that needs no check to be close."""
+    chain = [precision]
+    if precision == "int8" and native_bf16():
+        chain.append("bf16")
+    return tuple(dict.fromkeys([*chain, "fp32"]))
 
 
 def _tensorflow(precision: str, reason: str) -> RuntimeChoice:
@@ -130,16 +136,14 @@ def prepare(key: backbones.ModelKey, runtime: str, precision: str, cache_dir: st
     if _gpu_visible() and runtime == "auto":
         return _tensorflow(precision, "a GPU is visible: TensorFlow runs on it")
     failed = ""
-    for attempt in dict.fromkeys((precision, "fp32")):
+    for attempt in fallback_precisions(precision):
         try:
             path = _ensure_ir(key, attempt, cache_dir, calibration, max_pixels, version, calibration_images)
-        except Exception as exc:  # converter, quantizer or check: fp32 OpenVINO, then TensorFlow
+        except Exception as exc:  # converter, quantizer or check: the next precision, then TensorFlow
             failed += f"OpenVINO {attempt} for {key.backbone} failed: {type(exc).__name__}: {exc}; "
             continue
         if failed:
-            # A reduced precision that does not pass its check: OpenVINO fp32 is still faster than
-            # TensorFlow (2.4x the Keras loop on an AVX2 CPU, 2026-12-01).
-            log.warning("embed.precision=%s: using fp32 instead: %s", precision, failed.rstrip("; "))
+            log.warning("embed.precision=%s: using %s instead: %s", precision, attempt, failed.rstrip("; "))
         return RuntimeChoice("openvino", attempt, path, failed + f"OpenVINO {version}, {attempt}, checked against TensorFlow")
     return _fallback(runtime, failed.rstrip("; "))
 
