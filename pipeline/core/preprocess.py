@@ -114,19 +114,24 @@ def decode_image(content: bytes, side: int, max_pixels: int, trim: bool, rotatio
     return image
 
 
+# The border box is found on at most this many pixels a side (an integer box-filter reduction
+# above it). JPEGs arrive DCT-scaled below 2x the network side, so they are searched as
+# decoded: a bicubic copy to 512 px cost 3.4 ms an image at 576x432 (Intel Xeon, 2026-12-01),
+# more than decoding it, where the search on the image itself costs 0.5 ms.
+TRIM_SEARCH_SIDE = 1024
+
+
 def trimmed(image):
-    """Crop plain-colour borders; the box is found on a <= 512 px copy and scaled back."""
+    """Crop plain-colour borders; the box is found on a copy reduced to <= TRIM_SEARCH_SIDE and scaled back."""
     w, h = image.size
-    thumb = image
-    if max(w, h) > 512:
-        thumb = image.copy()
-        thumb.thumbnail((512, 512))
+    factor = math.ceil(max(w, h) / TRIM_SEARCH_SIDE)
+    thumb = image.reduce(factor) if factor > 1 else image
     top, left, bottom, right = content_box(thumb)
     tw, th = thumb.size
     if (top, left, bottom, right) == (0, 0, th, tw):
         return image
     fx, fy = w / tw, h / th
-    return image.crop((int(left * fx), int(top * fy), int(round(right * fx)), int(round(bottom * fy))))
+    return image.crop((int(left * fx), int(top * fy), min(w, int(round(right * fx))), min(h, int(round(bottom * fy)))))
 
 
 def resized(image, side: int, mode: str, size_multiple: int) -> np.ndarray:

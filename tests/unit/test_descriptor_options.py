@@ -57,6 +57,21 @@ def test_trim_borders_crops_plain_borders():
     assert preprocess.content_box(np.full((50, 50, 3), 7, np.uint8)) == (0, 0, 50, 50)  # all plain: untouched
 
 
+def test_trim_finds_the_box_of_a_large_image_on_a_reduced_copy():
+    # Not DCT-scaled (a PNG, say): above TRIM_SEARCH_SIDE the box is searched on a box-filtered
+    # copy and scaled back, within a few pixels of the real one.
+    from PIL import Image
+
+    a = np.full((2000, 3000, 3), 250, np.uint8)
+    a[300:1700, 450:2550] = np.random.default_rng(0).integers(0, 200, (1400, 2100, 3))
+    image = Image.fromarray(a)
+    assert max(image.size) > preprocess.TRIM_SEARCH_SIDE
+    w, h = preprocess.trimmed(image).size
+    assert abs(w - 2100) <= 3 and abs(h - 1400) <= 3
+    small = Image.fromarray(a[::4, ::4])  # 750 x 500: searched as it is, exactly
+    assert preprocess.trimmed(small).size == (525, 350)
+
+
 def _content_box_every_line(a, tol=24.0, min_uniform=0.98, min_keep=0.25):
     """The definition, on every row and column at once (content_box tests only the edges)."""
     corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]).astype(np.float32)
