@@ -49,7 +49,7 @@ test: java seed-weights
 # rewrites the README's speed section from the JSON.
 bench: java seed-weights
 	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --readme README.md \
-	  --variant '{"dedup__rotations": [0]}' --variant '{"embed__precision": "int8"}' --variant '{"embed__precision": "fp32"}'
+	  --variant '{"dedup__rotations": [0]}' --variant '{"embed__precision": "bf16"}' --variant '{"embed__precision": "fp32"}'
 
 # The embed stage alone against a plain Keras loop (the earlier, embed-only benchmark).
 bench-embed: java seed-weights

@@ -225,8 +225,16 @@ def resolve_not_duplicates(spark: SparkSession, entries: list[tuple[str, str]],
 DRIVER_COMPONENTS_MAX = 2_000_000
 
 
+def driver_components(spark: SparkSession, pairs: DataFrame) -> tuple[DataFrame, dict[str, str]]:
+    """Connected components by union-find on the driver (the oracle the Spark components are
+    tested against; the same labels, the smallest image id): for few edges, instead of several
+    rounds of Spark jobs. Returns the components and the labels they were made from."""
+    labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
+    return spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string"), labels
+
+
 def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[tuple[str, str]],
-                         checkpoint_dir: str | None = None) -> tuple[DataFrame, int]:
+                         checkpoint_dir: str | None = None, pair_count: int | None = None) -> tuple[DataFrame, int]:
     """Connected components in which no declared "not duplicates" pair shares a group.
 
     The declared pairs' edges are dropped before the components. Components that still hold a
@@ -235,11 +243,8 @@ def components_honouring(spark: SparkSession, pairs: DataFrame, forbidden: list[
     such components are few and small, the rest stay in Spark. Returns (components, split count).
     """
     if not forbidden:
-        if pairs.count() <= DRIVER_COMPONENTS_MAX:
-            # Few edges: union-find here (the oracle the Spark components are tested against)
-            # instead of several rounds of Spark jobs; labels are the same (smallest image id).
-            labels = G.connected_components((r[0], r[1]) for r in pairs.select(S.IMAGE_ID_A, S.IMAGE_ID_B).collect())
-            return spark.createDataFrame(sorted(labels.items()), f"{S.IMAGE_ID} string, {S.GROUP_ID} string"), 0
+        if (pairs.count() if pair_count is None else pair_count) <= DRIVER_COMPONENTS_MAX:
+            return driver_components(spark, pairs)[0], 0
         return connected_components(pairs, checkpoint_dir=checkpoint_dir), 0
     banned = spark.createDataFrame(forbidden, f"{S.IMAGE_ID_A} string, {S.IMAGE_ID_B} string")
     pairs = pairs.join(banned, [S.IMAGE_ID_A, S.IMAGE_ID_B], "left_anti")
@@ -370,7 +375,12 @@ def write_groups(spark: SparkSession, config: Config, threshold: float, score: s
             images = None
         declared = read_not_duplicates(d.not_duplicates) if d.not_duplicates and images is not None else []
         forbidden, unmatched = resolve_not_duplicates(spark, declared, images)
-        components, split = components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch)
+        n_pairs, labels = pairs.count(), None
+        if not forbidden and n_pairs <= DRIVER_COMPONENTS_MAX:
+            (components, labels), split = driver_components(spark, pairs), 0
+        else:
+            components, split = components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch,
+                                                     pair_count=n_pairs)
         if images is None:
             images = components.select(S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
                                        *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])
@@ -380,10 +390,17 @@ def write_groups(spark: SparkSession, config: Config, threshold: float, score: s
                                      "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
     finally:
         tables.remove(spark, scratch)
-    groups = tables.read_table(spark, workdir.groups(method), "groups table")
-    row = groups.agg(F.countDistinct(S.GROUP_ID).alias("groups"), F.count(F.lit(1)).alias("images_in_groups"),
-                     F.sum((~F.col(S.KEEP)).cast("long")).alias("images_to_remove")).first()
-    counts = {"pairs": pairs.count(), **{k: int(row[k] or 0) for k in ("groups", "images_in_groups", "images_to_remove")}}
+    if labels is not None:
+        # Components made on the driver: the counts are known there (each group keeps one image),
+        # without reading the groups table back (two Spark jobs of a small run's dedup).
+        n_groups = len(set(labels.values()))
+        counts = {"pairs": n_pairs, "groups": n_groups, "images_in_groups": len(labels),
+                  "images_to_remove": len(labels) - n_groups}
+    else:
+        groups = tables.read_table(spark, workdir.groups(method), "groups table")
+        row = groups.agg(F.countDistinct(S.GROUP_ID).alias("groups"), F.count(F.lit(1)).alias("images_in_groups"),
+                         F.sum((~F.col(S.KEEP)).cast("long")).alias("images_to_remove")).first()
+        counts = {"pairs": n_pairs, **{k: int(row[k] or 0) for k in ("groups", "images_in_groups", "images_to_remove")}}
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})
