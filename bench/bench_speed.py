@@ -187,12 +187,14 @@ def main(argv=None) -> int:
                         help="extra pipeline run with these overrides, JSON, e.g. '{\"dedup__rotations\": [0]}'")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="smoke run: a corpus of the first N images only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of generated variants: 1 = 2,794 images, each more about 1,800 more")
     parser.add_argument("--readme", help="rewrite the speed section of this README from the JSON")
     args = parser.parse_args(argv)
     data, out_dir = Path(args.data), Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / ".cache" / "speed-corpus"
-    manifest = speed_corpus.build(data, corpus)
+    corpus = out_dir / ".cache" / ("speed-corpus" if args.rounds == 1 else f"speed-corpus-r{args.rounds}")
+    manifest = speed_corpus.build(data, corpus, args.rounds)
     rows = speed_corpus.read(manifest)
     if args.limit:
         rows = rows[:args.limit]

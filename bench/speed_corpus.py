@@ -3,7 +3,10 @@
 ukbench-dev (500 photos, groups of 4) and holidays-dev (398, 150 groups), and per original a
 half-size re-encode and a 90 % centre crop (JPEG q75); a quarter of the holidays photos also
 get a copy rotated by 90 degrees (sideways copies, what ``dedup.rotations`` is for). Every
-variant belongs to its original's group. Written once under ``bench/results/.cache``;
+variant belongs to its original's group. ``rounds`` > 1 adds, per original and round, another
+half-size-like re-encode and centre crop at other scales, margins and JPEG qualities (distinct
+files, each embedded: no exact copies), for a corpus of about 1,800 more images a round.
+Written once per ``rounds`` under ``bench/results/.cache``;
 ``manifest.csv`` lists ``path,group,set`` (set: ukbench, holidays or variant).
 """
 from __future__ import annotations
@@ -23,7 +26,20 @@ def _jpeg(image: Image.Image, quality: int = 75) -> bytes:
     return buf.getvalue()
 
 
-def build(data: Path, out: Path) -> Path:
+def round_variants(image: Image.Image, round_: int) -> dict[str, tuple[Image.Image, int]]:
+    """Round 0: the half-size re-encode and the 90 % crop at q75; round r > 0: scale 0.5 + 0.08 r,
+    margin (5 + r) % a side, quality 75 - 5 r."""
+    w, h = image.size
+    if round_ == 0:
+        return {"half": (image.resize((w // 2, h // 2), Image.BILINEAR), 75),
+                "crop": (image.crop((w // 20, h // 20, w - w // 20, h - h // 20)), 75)}
+    scale, margin, quality = 0.5 + 0.08 * round_, (5 + round_) / 100, 75 - 5 * round_
+    mw, mh = int(w * margin), int(h * margin)
+    return {f"half{round_}": (image.resize((int(w * scale), int(h * scale)), Image.BILINEAR), quality),
+            f"crop{round_}": (image.crop((mw, mh, w - mw, h - mh)), quality)}
+
+
+def build(data: Path, out: Path, rounds: int = 1) -> Path:
     """Write the corpus under ``out`` (once); returns the manifest path."""
     manifest = out / "manifest.csv"
     if manifest.exists():
@@ -43,18 +59,16 @@ def build(data: Path, out: Path) -> Path:
             rows.append((str(dst.relative_to(out)), group, tag))
             image = Image.open(src)
             image.load()
-            w, h = image.size
             stem = Path(r["filename"]).stem
-            variants = {
-                "half": image.resize((w // 2, h // 2), Image.BILINEAR),
-                "crop": image.crop((w // 20, h // 20, w - w // 20, h - h // 20)),
-            }
+            variants = round_variants(image, 0)
             if tag == "holidays" and i % 4 == 0:
-                variants["rot90"] = image.transpose(Image.Transpose.ROTATE_90)
-            for kind, variant in variants.items():
+                variants["rot90"] = (image.transpose(Image.Transpose.ROTATE_90), 75)
+            for round_ in range(1, rounds):
+                variants.update(round_variants(image, round_))
+            for kind, (variant, quality) in variants.items():
                 rel = Path("variants") / tag / f"{stem}_{kind}.jpg"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(_jpeg(variant))
+                (out / rel).write_bytes(_jpeg(variant, quality))
                 rows.append((str(rel), group, "variant"))
     tmp = manifest.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
