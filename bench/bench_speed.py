@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     rows = speed_corpus.read(manifest)
     if args.limit:
         rows = rows[:args.limit]
-        corpus, manifest = speed_corpus.subset(corpus, rows, out_dir / ".cache" / f"speed-corpus-{args.limit}")
+        corpus, manifest = speed_corpus.subset(corpus, rows, out_dir / ".cache" / f"{corpus.name}-{args.limit}")
     result = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "load_average_start": load_average(), "images": len(rows),
               "command": "python bench/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}

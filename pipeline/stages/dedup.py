@@ -294,10 +294,12 @@ def dedup(spark: SparkSession, config: Config, on_lists: Callable[[float], None]
 
 
 # Up to this many images the kNN lists are written and the incremental state (which needs them,
-# not the scores) starts before the scoring job; for larger tables both after the histograms. Small runs are chains of short jobs
-# that overlap well: 2,794 images, dedup + state 7.2 -> 6.4 s, the wait for the state at the end
-# gone (alternating in one application, 4 rounds, 2-core Xeon, 2026-12-02). At 100k images the
-# jobs are compute-bound: 87 -> 94 s and a driver peak of 3.8 -> 4.2 GiB (`make bench-scale`).
+# not the scores) starts before the scoring job; on larger tables both come after the histograms.
+# Small runs are chains of short jobs that overlap well: 2,794 images, dedup + state 7.2 -> 6.4 s,
+# no wait for the state at the end (alternating in one application, 4 rounds, 2-core Xeon,
+# 2026-12-02). At 100k the jobs are compute-bound and overlapping them cost 87 -> 94 s and a
+# driver peak of 3.8 -> 4.2 GiB (`make bench-scale`). In between it is not measured: 20k is where
+# the small-job regime of tables.ADAPTIVE_MIN_IMAGES ends.
 EARLY_STATE_MAX_IMAGES = 20_000
 
 
@@ -326,14 +328,16 @@ def _dedup(spark: SparkSession, config: Config, index_meta: dict,
             # 2 partitions of 500k lists ran out of the 2 GB local heap while being cached).
             lists = tables.sized(neighbour_lists(neighbors, d.k), images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
             persisted.append(lists)
-            lists_to_write = d.incremental != "never" and d.qe_k == 0
-            if images <= EARLY_STATE_MAX_IMAGES:
-                if lists_to_write:
+
+            def lists_ready() -> None:
+                if d.incremental != "never" and d.qe_k == 0:
                     tables.write_table(lists, workdir.neighbors(method), metadata={"k": d.k})
-                    lists_to_write = False
                 if on_lists is not None:
                     on_lists(threshold)
-                    on_lists = None
+
+            early = images <= EARLY_STATE_MAX_IMAGES
+            if early:
+                lists_ready()
             candidates = score_pairs(candidates, neighbors, calibration, levels_of_lists(lists, calibration.rank),
                                      images=images)
             candidates = tables.sized(candidates, images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
@@ -341,17 +345,17 @@ def _dedup(spark: SparkSession, config: Config, index_meta: dict,
             cosines, scores = similarity_histograms(candidates, [S.SIMILARITY, SCORE])
             meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
                          "calibration_rank": calibration.rank, "cosine_histogram": cosines, "histogram": scores})
-            if lists_to_write:
-                tables.write_table(lists, workdir.neighbors(method), metadata={"k": d.k})
+            if not early:
+                lists_ready()
         else:
             threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
             candidates = tables.sized(candidates.withColumn(SCORE, F.lit(None).cast("float")),
                                       images * d.k).persist(StorageLevel.MEMORY_AND_DISK)
             column = S.SIMILARITY
             meta["histogram"] = similarity_histogram(candidates, column)
+            if on_lists is not None:
+                on_lists(threshold)
         meta["threshold"] = threshold
-        if on_lists is not None:
-            on_lists(threshold)
         tables.write_table(candidates.where(F.col(column) >= threshold), workdir.pairs(method), metadata=meta)
     finally:
         candidates.unpersist()
