@@ -48,13 +48,13 @@ test: java seed-weights
 # end to end, and the peers of `make bench-peer` (skipped, with a note, when not installed);
 # rewrites the README's speed section from the JSON.
 bench: java seed-weights
-	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --readme README.md \
+	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --readme README.md --repeats 3 \
 	  --variant '{"dedup__rotations": [0]}' --variant '{"embed__precision": "bf16"}' --variant '{"embed__precision": "fp32"}'
 
 # The same comparison on a corpus of 9,978 images (5 rounds of generated variants), the
 # defaults only: how the fixed costs of a run weigh at a larger size. Does not touch the README.
 bench-large: java seed-weights
-	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --rounds 5
+	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --rounds 5 --repeats 3
 
 # The embed stage alone against a plain Keras loop (the earlier, embed-only benchmark).
 bench-embed: java seed-weights

@@ -162,6 +162,16 @@ def F_ok():
     return F.col(S.STATUS) == S.STATUS_OK
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round of median images/s (the lower middle of an even count; a failed round counts
+    as 0), with every round's images/s under ``rounds_images_per_second``."""
+    speeds = [r.get("images_per_second") or 0.0 for r in rounds]
+    order = sorted(range(len(rounds)), key=lambda i: speeds[i])
+    chosen = dict(rounds[order[(len(rounds) - 1) // 2]])
+    chosen["rounds_images_per_second"] = speeds
+    return chosen
+
+
 # ------------------------------------------------------------------ (c), (d) peers
 def peer(name: str, corpus: Path, manifest: Path, out_dir: Path) -> dict:
     python = ROOT / "bench" / f".venv-{name}" / "bin" / "python"
@@ -189,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="smoke run: a corpus of the first N images only")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of generated variants: 1 = 2,794 images, each more about 1,800 more")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the defaults and of each peer, interleaved; the median run is reported")
     parser.add_argument("--readme", help="rewrite the speed section of this README from the JSON")
     args = parser.parse_args(argv)
     data, out_dir = Path(args.data), Path(args.out)
@@ -200,7 +212,7 @@ def main(argv=None) -> int:
         rows = rows[:args.limit]
         corpus, manifest = speed_corpus.subset(corpus, rows, out_dir / ".cache" / f"{corpus.name}-{args.limit}")
     result = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "load_average_start": load_average(), "images": len(rows),
+              "load_average_start": load_average(), "images": len(rows), "repeats": max(1, args.repeats),
               "command": "python bench/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"corpus: {len(rows)} images; load {result['load_average_start']}", flush=True)
 
@@ -241,15 +253,36 @@ def main(argv=None) -> int:
                 result["warm_up_seconds_by_run"].append(time.perf_counter() - started)
         result["warm_up_seconds"] = result["warm_up_seconds_by_run"][0]
         print(f"warm-up ({len(warm_rows)} images, start-up costs): {result['warm_up_seconds']:.1f} s", flush=True)
-        for overrides in runs:
+        # The defaults and the peers take turns, round after round (the VM's speed drifts by
+        # +-10% over minutes); each is reported by its median round, with every round kept.
+        peer_names = () if args.skip_peers else ("imagededup", "fastdup")
+        defaults_rounds: list[dict] = []
+        peer_rounds: dict[str, list[dict]] = {n: [] for n in peer_names}
+        for i in range(max(1, args.repeats)):
+            order = ["neardup", *peer_names]
+            order = order[i % len(order):] + order[:i % len(order)]
+            for tool in order:
+                if tool == "neardup":
+                    with tempfile.TemporaryDirectory(prefix="bench-speed-run-") as tmp:
+                        r = pipeline_run(spark, corpus, rows, tmp, {})
+                    defaults_rounds.append(r)
+                    print(f"(b) pipeline defaults, round {i + 1}: {r['images_per_second']:.1f} images/s end to end, "
+                          f"N-S {r['ns_score_ukbench']:.3f}, P/R {r['pair_precision']:.3f}/{r['pair_recall']:.3f}",
+                          flush=True)
+                else:
+                    p = peer(tool, corpus, manifest, out_dir)
+                    peer_rounds[tool].append(p)
+                    print(f"({tool}) round {i + 1}: {p.get('images_per_second') or p.get('error')}", flush=True)
+        result["pipeline"].append(median_round(defaults_rounds))
+        for overrides in runs[1:]:
             with tempfile.TemporaryDirectory(prefix="bench-speed-run-") as tmp:
                 r = pipeline_run(spark, corpus, rows, tmp, overrides)
-            r["vs_plain_keras"] = r["images_per_second"] / plain_ips
             result["pipeline"].append(r)
-            print(f"(b) pipeline {overrides or 'defaults'}: {r['images_per_second']:.1f} images/s end to end, "
+            print(f"(b) pipeline {overrides}: {r['images_per_second']:.1f} images/s end to end, "
                   f"N-S {r['ns_score_ukbench']:.3f}, P/R {r['pair_precision']:.3f}/{r['pair_recall']:.3f}", flush=True)
-    result["peers"] = {} if args.skip_peers else {n: peer(n, corpus, manifest, out_dir)
-                                                   for n in ("imagededup", "fastdup")}
+        for r in result["pipeline"]:
+            r["vs_plain_keras"] = r["images_per_second"] / plain_ips
+    result["peers"] = {n: median_round(rounds) for n, rounds in peer_rounds.items()}
     ours = result["pipeline"][0]["images_per_second"]
     for name, p in result["peers"].items():
         if p.get("images_per_second"):

@@ -26,6 +26,12 @@ def end_to_end(run: dict) -> tuple[float, float]:
     return seconds, run["images"] / seconds
 
 
+def _rounds(run: dict) -> str:
+    """`` (median of a, b, c)`` when the run is the median of several rounds."""
+    speeds = run.get("rounds_images_per_second") or []
+    return f" (median of {', '.join(_f(x) for x in speeds)})" if len(speeds) > 1 else ""
+
+
 def _check(value: float | None, goal: float) -> str:
     return "not measured" if value is None else f"{value:.2f}× {'✓' if value >= goal else '✗'}"
 
@@ -77,7 +83,9 @@ def section(result: dict, name: str) -> str:
         "End to end (from files to duplicate groups; images/s over the whole corpus; N-S on the "
         f"{result['plain_keras'].get('images', '?')} ukbench-dev originals of the corpus from each tool's own "
         "descriptors, cosine top 4; pair precision / recall "
-        "over the corpus at each tool's default threshold):",
+        "over the corpus at each tool's default threshold"
+        + (f"; the defaults and the peers ran {result['repeats']} times, taking turns, and each is "
+           "reported by its median round" if result.get("repeats", 1) > 1 else "") + "):",
         "",
         "| tool | images/s | × plain Keras | N-S | pair precision | pair recall |",
         "|---|---|---|---|---|---|",
@@ -85,7 +93,7 @@ def section(result: dict, name: str) -> str:
     for r in result["pipeline"]:
         label = "(b) neardup `run`, defaults" if not r["settings"] else f"neardup `run`, {r['settings']}"
         ips = end_to_end(r)[1]
-        lines.append(f"| {label} | {_f(ips)} | {ips / plain:.2f} | "
+        lines.append(f"| {label} | {_f(ips)}{_rounds(r)} | {ips / plain:.2f} | "
                      f"{_f(r['ns_score_ukbench'], 3)} | {_f(r['pair_precision'], 3)} | {_f(r['pair_recall'], 3)} |")
     for name_, p in result.get("peers", {}).items():
         label = {"imagededup": "(c) imagededup CNN", "fastdup": "(d) fastdup"}.get(name_, name_)
@@ -97,7 +105,7 @@ def section(result: dict, name: str) -> str:
         else:  # e.g. imagededup offline: its network timed with random weights
             scores = "n/a | n/a | n/a"
             label += " (random weights: no ImageNet weights offline; speed only)"
-        lines.append(f"| {label} {p.get('version', '')} | {_f(p['images_per_second'])} | "
+        lines.append(f"| {label} {p.get('version', '')} | {_f(p['images_per_second'])}{_rounds(p)} | "
                      f"{p['images_per_second'] / plain:.2f} | {scores} |")
     b = result["pipeline"][0]
     lines += ["", targets(result)]
