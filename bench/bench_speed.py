@@ -162,6 +162,11 @@ def F_ok():
     return F.col(S.STATUS) == S.STATUS_OK
 
 
+def summary(run: dict) -> str:
+    return (f"{run['images_per_second']:.1f} images/s end to end, N-S {run['ns_score_ukbench']:.3f}, "
+            f"P/R {run['pair_precision']:.3f}/{run['pair_recall']:.3f}")
+
+
 def median_round(rounds: list[dict]) -> dict:
     """The round of median images/s (the lower middle of an even count; a failed round counts
     as 0), with every round's images/s under ``rounds_images_per_second``."""
@@ -266,9 +271,7 @@ def main(argv=None) -> int:
                     with tempfile.TemporaryDirectory(prefix="bench-speed-run-") as tmp:
                         r = pipeline_run(spark, corpus, rows, tmp, {})
                     defaults_rounds.append(r)
-                    print(f"(b) pipeline defaults, round {i + 1}: {r['images_per_second']:.1f} images/s end to end, "
-                          f"N-S {r['ns_score_ukbench']:.3f}, P/R {r['pair_precision']:.3f}/{r['pair_recall']:.3f}",
-                          flush=True)
+                    print(f"(b) pipeline defaults, round {i + 1}: {summary(r)}", flush=True)
                 else:
                     p = peer(tool, corpus, manifest, out_dir)
                     peer_rounds[tool].append(p)
@@ -278,8 +281,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench-speed-run-") as tmp:
                 r = pipeline_run(spark, corpus, rows, tmp, overrides)
             result["pipeline"].append(r)
-            print(f"(b) pipeline {overrides}: {r['images_per_second']:.1f} images/s end to end, "
-                  f"N-S {r['ns_score_ukbench']:.3f}, P/R {r['pair_precision']:.3f}/{r['pair_recall']:.3f}", flush=True)
+            print(f"(b) pipeline {overrides}: {summary(r)}", flush=True)
         for r in result["pipeline"]:
             r["vs_plain_keras"] = r["images_per_second"] / plain_ips
     result["peers"] = {n: median_round(rounds) for n, rounds in peer_rounds.items()}

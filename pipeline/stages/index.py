@@ -86,8 +86,9 @@ class IndexInfo:
         return {int(s["shard"]): s.get("store", self.build_id) for s in self.meta["shards"]}
 
 
-# Units per core on a table smaller than that many query blocks. One, not two as until
-# 2026-12-02: a unit is a task of fixed cost in each all-pairs, DBA and index job; 2,794 images,
+# Units per core while a table has fewer than index.query_block rows per core (above it, units
+# are query blocks). One, not two as until 2026-12-02: a unit is a task of fixed cost in each
+# all-pairs, DBA and index job; 2,794 images,
 # default runs alternating in one application (4 rounds each, 2-core Xeon): dedup 5.1 -> 4.7 s,
 # the median sum of the stages 17.4 -> 16.9 s. Large tables are cut by index.query_block.
 UNITS_PER_CORE = 1
