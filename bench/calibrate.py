@@ -82,17 +82,33 @@ def knn(Q: np.ndarray, D: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(sims, idx, 1), idx
 
 
-def replay_search(P: np.ndarray, rotated: list[np.ndarray], k: int, dba_k: int, dba_alpha: float):
-    """pipeline.stages.search.search_neighbors in numpy: DBA database and queries, rotated queries."""
+def replay_search(P: np.ndarray, rotated: list[tuple[np.ndarray, np.ndarray]], k: int, dba_k: int,
+                  dba_alpha: float):
+    """pipeline.stages.search.search_neighbors in numpy: one raw search gives every query its
+    candidates (k, at least MIN_CANDIDATES with DBA), re-scored with the DBA vectors (the
+    query's too in the all-pairs search; a rotated query as it is); not a search of the DBA
+    space, which finds neighbours the job never sees.
+
+    ``rotated``: per rotation, (vectors, the query rows they belong to): the embed stage
+    embeds quarter turns only of images at least as tall as wide (cnn.needs_quarter_turns)."""
+    from pipeline.stages.search import MIN_CANDIDATES
+
+    k_search = min(max(k, MIN_CANDIDATES) if dba_k > 1 else k, len(P))
     D = P
     if dba_k > 1:
         s, i = knn(P, P, dba_k)
         D = rerank.augment_with_neighbors(P[i], s, dba_alpha)
     best = {}
-    for Q in [D, *rotated]:
-        s, i = knn(Q, D, k)
-        for q in range(len(Q)):
-            for sim, n in zip(s[q], i[q]):
+    for Q, scored_as, rows in [(P, D, np.arange(len(P))), *[(R, R, rows) for R, rows in rotated]]:
+        if not len(rows):
+            continue
+        _, candidates = knn(Q, P, k_search)
+        sims = np.clip(np.einsum("qd,qkd->qk", scored_as, D[candidates]), -1.0, 1.0)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        s, i = np.take_along_axis(sims, order, 1), np.take_along_axis(candidates, order, 1)
+        for j, q in enumerate(rows):
+            q = int(q)
+            for sim, n in zip(s[j], i[j]):
                 key = (q, int(n))
                 if sim > best.get(key, -2.0):
                     best[key] = float(sim)
@@ -118,12 +134,15 @@ def collection(emb, names, which: list[str], space: str, means: dict[str, np.nda
 
     def aligned(r):
         pos = {i: j for j, i in enumerate(emb[r]["ids"])}
-        return np.stack([emb[r]["X"][pos[emb[0]["ids"][i]]] for i in sel])
+        have = [(q, pos[emb[0]["ids"][i]]) for q, i in enumerate(sel) if emb[0]["ids"][i] in pos]
+        rows = np.array([q for q, _ in have], np.int64)
+        X = emb[r]["X"][[j for _, j in have]] if have else np.zeros((0, emb[0]["X"].shape[1]), np.float32)
+        return X, rows
 
     other = [d for d in DATASETS if d not in which]
     mean_from = other[0] if space == "centred" else None
     P = post(emb[0]["X"][sel], mean_from)
-    rot = [post(aligned(r), mean_from) for r in rotations]
+    rot = [(post(X, mean_from), rows) for X, rows in map(aligned, rotations)]
     q, n, rk, s = replay_search(P, rot, k, dba_k, alpha)
     return q, n, rk, s, base[sel]
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -158,11 +159,18 @@ def rotated_meta(config: Config, rotation: int, images: DataFrame) -> dict:
 
 
 # (plan, files) -> digest: one job per written image table, not one per rotation and stage
-# (a run asked for it six times, a Spark job each).
+# (a run asked for it six times, a Spark job each). The lock: the rotated tables are written
+# from concurrent threads, which all missed the memo and each ran the job.
 _DIGESTS: dict[tuple, list[int]] = {}
+_DIGESTS_LOCK = threading.Lock()
 
 
 def _ok_digest(images: DataFrame) -> list[int]:
+    with _DIGESTS_LOCK:
+        return _ok_digest_once(images)
+
+
+def _ok_digest_once(images: DataFrame) -> list[int]:
     try:
         # Part files carry their write job's id, so a rewritten table is a new key.
         key = (images.semanticHash(), tuple(sorted(images.inputFiles())))

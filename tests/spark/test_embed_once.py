@@ -54,3 +54,31 @@ def test_exact_copies_share_one_embedding_and_one_group(spark, tmp_path):
     assert len({group_of[i] for i in copy_ids}) == 1
     by_path = {p.split("/corpus/")[1]: i for i, p in images.items()}
     assert group_of.get(by_path["copies/sideways.jpg"]) == group_of.get(by_path["ukbench00008.jpg"]) is not None
+
+
+def test_concurrent_digests_of_one_image_table_run_its_job_once(spark, tmp_path):
+    """The rotated tables are written from concurrent threads, each asking for the image
+    table's digest: one Spark job computes it, the others wait for it instead of racing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(tmp_path / "images")
+    spark.createDataFrame([(f"id{i}", f"{i:064x}", S.STATUS_OK) for i in range(40)],
+                          f"{S.IMAGE_ID} string, {S.CONTENT_SHA256} string, {S.STATUS} string").write.parquet(path)
+    images = spark.read.parquet(path)
+    tracker = spark.sparkContext.statusTracker()
+
+    def digests(group: str, threads: int) -> list:
+        em._DIGESTS.clear()
+
+        def one(_):
+            spark.sparkContext.setJobGroup(group, "digest")
+            return em._ok_digest(images)
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, range(threads)))
+
+    alone = digests("digest-alone", 1)
+    together = digests("digest-together", 4)
+    assert together == alone * 4 and alone[0][0] == 40
+    jobs_alone = len(tracker.getJobIdsForGroup("digest-alone"))
+    assert jobs_alone >= 1 and len(tracker.getJobIdsForGroup("digest-together")) == jobs_alone
