@@ -225,6 +225,24 @@ def test_a_small_metadata_table_still_gets_a_shard_per_core(spark):
     assert one == 1
 
 
+
+def test_shards_of_equal_sized_rows_counted_without_spark_match_the_packing(spark):
+    """A metadata table's rows all count METADATA_ROW_BYTES: given their number, the shards are
+    counted by arithmetic (no Spark job) and must be the ones the packing pass makes."""
+    for n, max_bytes, min_shards in ((300, 128 * 2 ** 20, 2), (301, 128 * 2 ** 20, 2), (301, 2560, 1),
+                                     (7, 100, 1), (1, 128 * 2 ** 20, 4)):
+        rows = spark.createDataFrame([(L.image_id_for(f"/m/{i:04d}.jpg"), f"/m/{i:04d}.jpg", None,
+                                       ing.METADATA_ROW_BYTES, None, None, "error") for i in range(n)],
+                                     ing.LISTING_SCHEMA).repartition(3)
+        shards = {}
+        for same_size in (None, (n, ing.METADATA_ROW_BYTES)):
+            sharded, n_shards, persisted = ing.assign_shards(rows, max_bytes, min_shards, same_size=same_size)
+            shards[same_size is None] = (n_shards, sorted((r[S.PATH], r["shard"]) for r in sharded.collect()))
+            for df in persisted:
+                df.unpersist()
+        assert shards[True] == shards[False], (n, max_bytes, min_shards)
+        assert shards[True][0] == len({s for _, s in shards[True][1]})
+
 # --------------------------------------------------------------- incremental
 def test_plan_compares_path_size_and_time(spark):
     t0 = dt.datetime(2024, 1, 1, 12, 0, 0, 123456)
