@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.core import calibration as C  # noqa: E402
 from pipeline.core import rerank  # noqa: E402
 from pipeline.core.vectors import l2_normalize  # noqa: E402
+from pipeline.stages.search import MIN_CANDIDATES  # noqa: E402
 
 DATASETS = ("ukbench-dev", "holidays-dev")
 
@@ -91,8 +92,6 @@ def replay_search(P: np.ndarray, rotated: list[tuple[np.ndarray, np.ndarray]], k
 
     ``rotated``: per rotation, (vectors, the query rows they belong to): the embed stage
     embeds quarter turns only of images at least as tall as wide (cnn.needs_quarter_turns)."""
-    from pipeline.stages.search import MIN_CANDIDATES
-
     k_search = min(max(k, MIN_CANDIDATES) if dba_k > 1 else k, len(P))
     D = P
     if dba_k > 1:
