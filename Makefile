@@ -79,6 +79,8 @@ bench-scale: java seed-weights
 # one real run over ukbench-dev + holidays-dev, the dedup search replayed per collection, cross-fitted figures.
 calibrate: java seed-weights
 	$(WITH_JAVA) $(PY) bench/calibrate.py --data "$(SHARED)/data" --out bench/results --write
+	$(WITH_JAVA) $(PY) bench/calibrate.py --data "$(SHARED)/data" --out bench/results --write --conf conf/fast.yaml \
+	  --work bench/results/.cache/calibration-fast
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench

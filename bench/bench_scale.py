@@ -871,7 +871,7 @@ def main(argv=None) -> int:
         from pipeline.core import calibration as cal_core
 
         space = cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
-        calibration = cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space))
+        calibration = cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space, config.embed.backbone))
     plain_threshold = threshold if calibration is None else args.plain_threshold
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     logs = args.cache / "logs" / stamp

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.config import Config  # noqa: E402
 from pipeline.core import calibration as C  # noqa: E402
 from pipeline.core import rerank  # noqa: E402
 from pipeline.core.vectors import l2_normalize  # noqa: E402
@@ -37,26 +38,26 @@ from pipeline.stages.search import MIN_CANDIDATES  # noqa: E402
 DATASETS = ("ukbench-dev", "holidays-dev")
 
 
-def embed_all(data: str, work: str) -> dict[int, dict]:
-    """Embeddings of both datasets (rotations 0/90/270) from a real run, cached as .npz."""
-    cache = {r: os.path.join(work, f"emb_rot{r}.npz") for r in (0, 90, 270)}
+def embed_all(data: str, work: str, settings: Config) -> dict[int, dict]:
+    """Embeddings of both datasets (each of dedup.rotations: 0/90/270 by default) from a real run, cached as .npz."""
+    cache = {r: os.path.join(work, f"emb_rot{r}.npz") for r in (0, *quarter_turns(settings))}
     if not all(os.path.exists(p) for p in cache.values()):
         from pipeline import api
         from pipeline import schemas as S
-        from pipeline.config import Config
         from pipeline.core import storage
         from pyspark.sql import SparkSession
 
         from pipeline.stages import tables
 
-        cfg = Config.load(None, [f"workdir={work}/run", "progress=never"]).with_overrides(
-            ingest__input=[os.path.join(data, d) for d in DATASETS])
+        cfg = settings.with_overrides(workdir=f"{work}/run", progress="never",
+                                      ingest__input=[os.path.join(data, d) for d in DATASETS])
         result = api.run(config=cfg)
         spark = SparkSession.builder.master("local[2]").getOrCreate()
         wd = storage.Workdir.of(result.config.workdir)
         paths = {r[0]: r[1] for r in tables.read_table(spark, wd.images, "images").select(S.IMAGE_ID, S.PATH).collect()}
         for r, p in cache.items():
-            src = wd.embeddings("mobilenet") if r == 0 else storage.Workdir.of(wd.derived(f"rot{r}").root).embeddings("mobilenet")
+            backbone = result.config.embed.backbone
+            src = wd.embeddings(backbone) if r == 0 else storage.Workdir.of(wd.derived(f"rot{r}").root).embeddings(backbone)
             rows = tables.read_table(spark, src, "embeddings").where("status='ok'").select(S.IMAGE_ID, S.EMBEDDING).collect()
             np.savez(p, ids=np.array([x[0] for x in rows]), paths=np.array([paths[x[0]] for x in rows]),
                      X=np.array([x[1] for x in rows], np.float32))
@@ -65,6 +66,11 @@ def embed_all(data: str, work: str) -> dict[int, dict]:
         z = np.load(p)
         out[r] = {"ids": z["ids"], "paths": z["paths"], "X": z["X"]}
     return out
+
+
+def quarter_turns(settings: Config) -> tuple[int, ...]:
+    """The rotated query views of the run fitted on (none for a profile without them)."""
+    return tuple(r for r in settings.dedup.rotations if r)
 
 
 def ground_truth(data: str) -> dict[str, str]:
@@ -195,19 +201,24 @@ def main(argv=None):
     ap.add_argument("--level-cap", type=float, default=0.8, help="levels above it count as it (large groups of copies)")
     ap.add_argument("--target", type=float, default=0.95, help="cross-fitted precision the default must reach")
     ap.add_argument("--write", action="store_true", help="write the shipped artifacts into the package")
+    ap.add_argument("--conf", help="the YAML of the run whose embeddings are fitted on (default: the defaults), "
+                                   "e.g. conf/fast.yaml: a backbone's models go to calibration_models/<backbone>/")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of that run")
     args = ap.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     started = time.time()
-    emb = embed_all(args.data, args.work)
+    settings = Config.load(args.conf, args.set)
+    emb = embed_all(args.data, args.work, settings)
+    backbone, turns = settings.embed.backbone, quarter_turns(settings)
     truth = ground_truth(args.data)
     ds = np.array([p.rstrip("/").split("/")[-2] for p in emb[0]["paths"]])
     means = {d: emb[0]["X"][ds == d].mean(0) for d in DATASETS}
     report = {"rank": args.rank, "threshold": args.threshold, "spaces": {}}
     for space in C.SPACES:
         base, dba_k = space.split("_")[0], 0 if space.endswith("_nodba") else 3
-        sets = {d: collection(emb, None, [d], base, means, dba_k=dba_k) for d in DATASETS}
+        sets = {d: collection(emb, None, [d], base, means, dba_k=dba_k, rotations=turns) for d in DATASETS}
         if base == "raw":
-            sets["mixed"] = collection(emb, None, list(DATASETS), base, means, dba_k=dba_k)
+            sets["mixed"] = collection(emb, None, list(DATASETS), base, means, dba_k=dba_k, rotations=turns)
             # as the suite's mixed test runs it (one embedding pass: no rotated queries)
             sets["mixed-no-rotations"] = collection(emb, None, list(DATASETS), base, means, dba_k=dba_k, rotations=())
         lab = {name: labelled(v[:4], v[4], truth, args.rank) for name, v in sets.items()}
@@ -217,7 +228,9 @@ def main(argv=None):
             fitted[d] = C.fit(cos, la, lb, y, args.rank, space, {"fitted_on": [d]}, level_cap=args.level_cap)
         cat = [np.concatenate([lab[d][i] for d in DATASETS]) for i in range(4)]
         both = C.fit(*cat, args.rank, space, {"fitted_on": list(DATASETS), "k": 20, "dba_k": dba_k,
-                                             "rotations": [0, 90, 270], "backbone": "mobilenet"},
+                                             "rotations": [0, *turns], "backbone": backbone,
+                                             **({"settings": [*([os.path.basename(args.conf)] if args.conf else []), *args.set]}
+                                                if args.conf or args.set else {})},
                      level_cap=args.level_cap)
         cross = {DATASETS[0]: fitted[DATASETS[1]], DATASETS[1]: fitted[DATASETS[0]]}
         # the mixed collections are scored by the model fitted on both (there is no "other")
@@ -240,18 +253,21 @@ def main(argv=None):
         report["spaces"][space] = {"results": res, "model": both._meta(), "margin": margin,
                                    "best_cosine_cut": best_cosine_cut(lab, args.target)}
         if args.write:
-            for f in os.listdir(C.PACKAGE_DIR):
+            folder = C.shipped_dir(backbone)
+            os.makedirs(folder, exist_ok=True)
+            for f in os.listdir(folder):
                 if f.startswith(f"calibration-{space}-"):
-                    os.remove(os.path.join(C.PACKAGE_DIR, f))
-            both.save(os.path.join(C.PACKAGE_DIR, C.artifact_name(both)))
+                    os.remove(os.path.join(folder, f))
+            both.save(os.path.join(folder, C.artifact_name(both)))
             # the cross-fitted models, for the suite's real-run checks (tests/e2e/test_accuracy.py)
-            cross_dir = os.path.join(args.out, "calibration")
+            cross_dir = os.path.join(args.out, "calibration", *([] if folder == C.PACKAGE_DIR else [backbone]))
             os.makedirs(cross_dir, exist_ok=True)
             for d, model in cross.items():
                 model.save(os.path.join(cross_dir, f"crossfit-{space}-for-{d}.npz"))
     report["seconds"] = time.time() - started
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "calibration.json"), "w") as fh:
+    name = "calibration.json" if backbone == C.DEFAULT_BACKBONE else f"calibration-{backbone}.json"
+    with open(os.path.join(args.out, name), "w") as fh:
         json.dump(report, fh, indent=1, default=float)
 
 

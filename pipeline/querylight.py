@@ -256,7 +256,7 @@ def calibration_for(config: Config) -> cal_core.Calibration | None:
     if config.dedup.score != "calibrated" or not registry.encoder_for(config).reranking:
         return None
     space = cal_core.space_of(bool(config.embed.postprocess), config.dedup.dba_k > 1)
-    return cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space))
+    return cal_core.Calibration.load(config.dedup.calibration or cal_core.shipped(space, config.embed.backbone))
 
 
 def calibrated_matches(ids: list[str], sims: np.ndarray, levels: dict[str, float], calibration: cal_core.Calibration,

@@ -29,8 +29,12 @@ import numpy as np
 
 # The shipped artifacts, one per similarity scale ("raw": no embed.postprocess; "centred": a
 # centring/whitening learned on another collection; "_nodba": database-side augmentation off,
-# which lowers the cosines of near-duplicates). The file name carries the version.
+# which lowers the cosines of near-duplicates). The file name carries the version. The top level
+# holds those fitted for the default backbone; another backbone's, where one ships, lie in a
+# folder named after it (a network's cosines have their own scale: MobileNetV2 0.35's make
+# different probabilities from MobileNet's at the same cosine).
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_models")
+DEFAULT_BACKBONE = "mobilenet"
 SPACES = ("raw", "centred", "raw_nodba", "centred_nodba")
 FEATURES = ("cosine", "normalised")
 
@@ -205,14 +209,26 @@ def level_of_row(sims: np.ndarray, rank: int) -> float:
     return float(sims[min(rank, len(sims)) - 1]) if len(sims) else -1.0
 
 
-def shipped(space: str) -> str:
-    """Path of the artifact shipped for ``space`` (the newest by name if several)."""
+def shipped_dir(backbone: str = DEFAULT_BACKBONE) -> str:
+    """Where the artifacts fitted for ``backbone`` ship (``bench/calibrate.py --write`` with that
+    backbone writes there); a path to a model file is no folder name and gets the top level."""
+    named = backbone != DEFAULT_BACKBONE and os.path.basename(backbone) == backbone and not backbone.startswith(".")
+    return os.path.join(PACKAGE_DIR, backbone) if named else PACKAGE_DIR
+
+
+def shipped(space: str, backbone: str = DEFAULT_BACKBONE) -> str:
+    """Path of the artifact shipped for ``space`` and ``backbone`` (the newest by name if several).
+
+    A backbone without artifacts of its own gets the default backbone's: its probabilities are
+    then approximate (README "Pairs you can act on": refit for it)."""
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    found = sorted(f for f in os.listdir(PACKAGE_DIR) if f.startswith(f"calibration-{space}-") and f.endswith(".npz"))
-    if not found:
-        raise FileNotFoundError(f"no shipped calibration for space {space!r} in {PACKAGE_DIR} (run make calibrate)")
-    return os.path.join(PACKAGE_DIR, found[-1])
+    for folder in dict.fromkeys([shipped_dir(backbone), PACKAGE_DIR]):
+        found = sorted(f for f in os.listdir(folder) if f.startswith(f"calibration-{space}-") and f.endswith(".npz")) \
+            if os.path.isdir(folder) else []
+        if found:
+            return os.path.join(folder, found[-1])
+    raise FileNotFoundError(f"no shipped calibration for space {space!r} in {PACKAGE_DIR} (run make calibrate)")
 
 
 # ------------------------------------------------------------ curves and operating points

@@ -97,7 +97,7 @@ def calibration_space(config: Config) -> str:
 
 def load_calibration(config: Config) -> cal_core.Calibration:
     """``dedup.calibration`` (an artifact path) or the one shipped for the embedding space."""
-    path = config.dedup.calibration or cal_core.shipped(calibration_space(config))
+    path = config.dedup.calibration or cal_core.shipped(calibration_space(config), config.embed.backbone)
     try:
         return cal_core.Calibration.load(path)
     except (OSError, KeyError, ValueError) as exc:

@@ -1,6 +1,8 @@
 """Pair calibration without Spark: neighbour levels, the model, the artifact, the curves."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,24 @@ def test_shipped_artifacts_load(space):
     # Near-identical copies in a large group (a burst: its 10th neighbour is a copy too) stay
     # duplicates: levels above the cap count as the cap.
     assert cal.level_cap is not None and cal.probability([0.995], [0.97], [0.98])[0] >= 0.9
+
+
+FITTED_BACKBONES = sorted(d for d in os.listdir(C.PACKAGE_DIR) if os.path.isdir(os.path.join(C.PACKAGE_DIR, d)))
+
+
+@pytest.mark.parametrize("space", C.SPACES)
+def test_each_backbone_gets_the_calibration_fitted_for_it_or_the_default_ones(space):
+    default = C.shipped(space)
+    assert C.Calibration.load(default).params["backbone"] == C.DEFAULT_BACKBONE
+    assert FITTED_BACKBONES, "the fast profile's backbone ships its own calibration"
+    for backbone in FITTED_BACKBONES:
+        own = C.shipped(space, backbone)
+        assert os.path.dirname(own) == os.path.join(C.PACKAGE_DIR, backbone)
+        cal = C.Calibration.load(own)
+        assert (cal.space, cal.params["backbone"]) == (space, backbone) and cal.version != C.Calibration.load(default).version
+    # A backbone fitted for nowhere, or a user's model file, falls back to the default backbone's.
+    assert C.shipped(space, "resnet50") == default
+    assert C.shipped(space, "/models/my_model.keras") == default and C.shipped(space, "..") == default
 
 
 def test_precision_recall_counts_unproposed_duplicates_as_missed():

@@ -59,6 +59,13 @@ def test_the_fast_profile_changes_only_what_it_says():
     fast = Config.load(Path(__file__).resolve().parents[2] / "conf" / "fast.yaml")
     api.validate(fast)
     default = Config.load(None)
-    assert (fast.embed.max_side, fast.dedup.rotations) == (256, [0])
-    assert (default.embed.max_side, default.dedup.rotations) == (320, [0, 90, 270])
-    assert fast.dedup.threshold == default.dedup.threshold and fast.embed.backbone == default.embed.backbone
+    changed = (fast.embed.backbone, fast.embed.max_side, fast.embed.pooling, fast.dedup.rotations)
+    assert changed == ("mobilenetv2-0.35", 352, "gem", [0])
+    assert (default.embed.backbone, default.embed.max_side, default.embed.pooling, default.dedup.rotations) == (
+        "mobilenet", 320, "avg", [0, 90, 270])
+    assert fast.dedup.threshold == default.dedup.threshold and fast.embed.precision == default.embed.precision
+    # Its pair scores come from the calibration fitted for its network, not MobileNet's.
+    from pipeline.stages import dedup
+
+    assert dedup.load_calibration(fast).params["backbone"] == "mobilenetv2-0.35"
+    assert dedup.load_calibration(default).params["backbone"] == "mobilenet"
