@@ -49,7 +49,8 @@ test: java seed-weights
 # rewrites the README's speed section from the JSON.
 bench: java seed-weights
 	$(WITH_JAVA) $(PY) bench/bench_speed.py --data "$(SHARED)/data" --out bench/results --readme README.md --repeats 3 \
-	  --variant '{"dedup__rotations": [0]}' --variant '{"embed__precision": "bf16"}' --variant '{"embed__precision": "fp32"}'
+	  --variant '{"dedup__rotations": [0]}' --variant '{"embed__precision": "bf16"}' --variant '{"embed__precision": "fp32"}' \
+	  --variant conf/fast.yaml
 
 # The same comparison on a corpus of 9,978 images (5 rounds of generated variants), the
 # defaults only: how the fixed costs of a run weigh at a larger size. Does not touch the README.

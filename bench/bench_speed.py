@@ -120,6 +120,22 @@ WARM_UP_IMAGES = 64
 RUN_STAGES = speed_readme.RUN_STAGES
 
 
+def variant_settings(variant: str) -> dict:
+    """``--variant``: JSON overrides, or a profile's YAML (conf/fast.yaml) as the same overrides."""
+    if not variant.endswith((".yaml", ".yml")):
+        return json.loads(variant)
+    import yaml
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            name = f"{prefix}__{key}" if prefix else key
+            out.update(flat(value, name) if isinstance(value, dict) else {name: value})
+        return out
+
+    return flat(yaml.safe_load(Path(variant).read_text()) or {})
+
+
 def pipeline_run(spark, corpus: Path, rows: list[dict], workdir: str, overrides: dict) -> dict:
     from pipeline import api
     from pipeline import schemas as S
@@ -199,7 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--variant", action="append", default=[],
-                        help="extra pipeline run with these overrides, JSON, e.g. '{\"dedup__rotations\": [0]}'")
+                        help="extra pipeline run with these overrides, JSON, e.g. '{\"dedup__rotations\": [0]}', "
+                             "or a profile's YAML, e.g. conf/fast.yaml")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="smoke run: a corpus of the first N images only")
     parser.add_argument("--rounds", type=int, default=1,
@@ -236,7 +253,7 @@ def main(argv=None) -> int:
     from pipeline.stages.session import spark_session
 
     started = time.perf_counter()
-    runs = [{}] + [json.loads(v) for v in args.variant]
+    runs = [{}] + [variant_settings(v) for v in args.variant]
     result["pipeline"] = []
     with spark_session(Config.load(None, [])) as spark:
         result["spark_startup_seconds"] = time.perf_counter() - started
