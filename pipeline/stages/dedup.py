@@ -6,6 +6,8 @@ import logging
 import uuid
 from typing import Callable, Sequence
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -13,6 +15,7 @@ from pipeline import schemas as S
 from pipeline.config import Config, ConfigError
 from pipeline.core import calibration as cal_core
 from pipeline.core import grouping as G
+from pipeline.core import pairs as P
 from pipeline.core import storage
 from pipeline.encoders import registry
 from pipeline.stages import index as ix
@@ -312,6 +315,8 @@ def _dedup(spark: SparkSession, config: Config, index_meta: dict,
     d = config.dedup
     neighbors = search_neighbors(spark, config, d.k + 1)  # +1: the query finds itself
     metric, images = index_meta.get("metric"), int(index_meta["count"])
+    if images <= DRIVER_DEDUP_MAX_IMAGES:
+        return _dedup_on_driver(spark, config, metric, neighbors, on_lists)
     calibrated = uses_calibration(config)
     meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
     neighbors = tables.sized(neighbors, images * (d.k + 1)).persist(StorageLevel.MEMORY_AND_DISK)
@@ -365,6 +370,57 @@ def _dedup(spark: SparkSession, config: Config, index_meta: dict,
     return write_groups(spark, config, threshold, meta["score"]), threshold, meta["score"]
 
 
+# Up to this many images the pairs, lists and groups are computed on the driver
+# (:mod:`pipeline.core.pairs`) from the collected kNN rows: at most 20k x (k + 1) rows, a few
+# MB. The Spark version is a chain of about twenty short jobs on such tables; the search
+# itself (index, rotated views, DBA) stays in Spark. The tests compare both paths' tables.
+DRIVER_DEDUP_MAX_IMAGES = 20_000
+
+
+def _dedup_on_driver(spark: SparkSession, config: Config, metric: str | None, neighbors: DataFrame,
+                     on_lists: Callable[[float], None] | None) -> tuple[dict, float, str]:
+    """:func:`_dedup` for a small table: the same tables, schemas and metadata."""
+    workdir = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    d = config.dedup
+    calibrated = uses_calibration(config)
+    meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
+    rows = neighbors.select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY).toPandas()
+    q, n, r, s = (rows[c].to_numpy() for c in (S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY))
+    a, b, sims = P.candidate_pairs(q, n, s)
+    candidates = pairs_from_neighbors(neighbors, -1.0)  # not run: its schema, the Spark path's
+    if calibrated:
+        calibration = load_calibration(config)
+        threshold = d.threshold
+        ids, lists, values = P.knn_lists(q, n, r, s, d.k)
+        if d.incremental != "never" and d.qe_k == 0:
+            listed = pd.DataFrame({S.IMAGE_ID: ids, KNN_IDS: lists, KNN_SIMS: values})
+            tables.write_table(spark.createDataFrame(listed, neighbour_lists(neighbors, d.k).schema),
+                               workdir.neighbors(method), metadata={"k": d.k})
+        if on_lists is not None:
+            on_lists(threshold)
+        scores = P.pair_scores(a, b, sims, P.list_levels(ids, values, calibration.rank), calibration)
+        schema = score_pairs(candidates, neighbors, calibration).schema
+        kept = scores.astype(np.float64) >= threshold
+        meta.update({"calibration": calibration.version, "calibration_space": calibration.space,
+                     "calibration_rank": calibration.rank, "cosine_histogram": P.histogram(sims),
+                     "histogram": P.histogram(scores)})
+    else:
+        threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
+        scores = np.full(len(a), np.nan, np.float32)  # NaN goes to Spark as null
+        schema = candidates.withColumn(SCORE, F.lit(None).cast("float")).schema
+        kept = sims.astype(np.float64) >= threshold
+        meta["histogram"] = P.histogram(sims)
+        if on_lists is not None:
+            on_lists(threshold)
+    meta["threshold"] = threshold
+    table = pd.DataFrame({S.IMAGE_ID_A: a[kept], S.IMAGE_ID_B: b[kept], S.SIMILARITY: sims[kept],
+                          SCORE: scores[kept]})
+    tables.write_table(spark.createDataFrame(table, schema), workdir.pairs(method), metadata=meta)
+    edges = list(zip(a[kept].tolist(), b[kept].tolist(), sims[kept].tolist()))
+    return write_groups(spark, config, threshold, meta["score"], edges=edges), threshold, meta["score"]
+
+
 KNN_IDS, KNN_SIMS = "knn_ids", "knn_sims"
 
 
@@ -378,11 +434,17 @@ def neighbour_lists(neighbors: DataFrame, k: int) -> DataFrame:
                          F.col("l.s").alias(KNN_SIMS))
 
 
-def write_groups(spark: SparkSession, config: Config, threshold: float, score: str) -> dict:
-    """The groups table from the committed pairs table (full and incremental dedup); returns counts."""
+def write_groups(spark: SparkSession, config: Config, threshold: float, score: str,
+                 edges: list[tuple[str, str, float]] | None = None) -> dict:
+    """The groups table from the committed pairs table (full and incremental dedup); returns counts.
+
+    ``edges``: the pairs table's (a, b, similarity) rows, already on the driver (a small
+    table's dedup): the groups are then made there too, from the same pure functions."""
     workdir = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     d = config.dedup
+    if edges is not None:
+        return _groups_on_driver(spark, config, threshold, score, edges)
     pairs = tables.read_table(spark, workdir.pairs(method), "pairs table")
     # Reliable checkpoints: a lost executor costs a recomputation, not the job.
     scratch = workdir.scratch(f"components-{uuid.uuid4().hex[:12]}")
@@ -421,6 +483,54 @@ def write_groups(spark: SparkSession, config: Config, threshold: float, score: s
         row = groups.agg(F.countDistinct(S.GROUP_ID).alias("groups"), F.count(F.lit(1)).alias("images_in_groups"),
                          F.sum((~F.col(S.KEEP)).cast("long")).alias("images_to_remove")).first()
         counts = {"pairs": n_pairs, **{k: int(row[k] or 0) for k in ("groups", "images_in_groups", "images_to_remove")}}
+    if d.not_duplicates:
+        counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
+                       "groups_split_by_not_duplicates": split})
+    return counts
+
+
+def _groups_on_driver(spark: SparkSession, config: Config, threshold: float, score: str,
+                      edges: list[tuple[str, str, float]]) -> dict:
+    """:func:`write_groups` from pairs held on the driver: components, the "not duplicates"
+    splits and the keep policy by :mod:`pipeline.core.grouping`, the oracle of the Spark path."""
+    workdir = storage.Workdir.of(config.workdir)
+    d = config.dedup
+    images = tables.read_table(spark, workdir.images, "image table") if tables.is_committed(spark, workdir.images) else None
+    if images is None:
+        log.warning("no image table at %s: each group keeps its smallest image id", workdir.images)
+    declared = read_not_duplicates(d.not_duplicates) if d.not_duplicates and images is not None else []
+    forbidden, unmatched = resolve_not_duplicates(spark, declared, images)
+    split = 0
+    if forbidden:
+        banned = set(forbidden)
+        plain = G.connected_components((x, y) for x, y, _ in edges if G.unordered(x, y) not in banned)
+        split = len({plain[x] for x, y in forbidden if x in plain and y in plain and plain[x] == plain[y]})
+        labels = G.components_with_cannot_link(edges, forbidden)
+    else:
+        labels = G.connected_components((x, y) for x, y, _ in edges)
+    info = None
+    components = spark.createDataFrame([], f"{S.IMAGE_ID} string, {S.GROUP_ID} string")
+    if images is not None:
+        columns = [c for c in (S.IMAGE_ID, S.PATH, S.WIDTH, S.HEIGHT, S.SIZE_BYTES, S.FORMAT, S.MODIFICATION_TIME)
+                   if c in images.columns]
+        info = {}
+        if labels:
+            rows = images.select(*columns).toPandas()
+            info = {row[S.IMAGE_ID]: row for row in rows.to_dict("records") if row[S.IMAGE_ID] in labels}
+        schema = groups_with_keep(components, images, d.keep, d.keep_folders).schema
+    else:
+        schema = groups_with_keep(components, components.select(
+            S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
+            *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])).schema
+    groups = P.groups_with_keep(labels, info, d.keep, d.keep_folders)
+    groups = groups.rename(columns={"group_id": S.GROUP_ID, "image_id": S.IMAGE_ID, "group_size": S.GROUP_SIZE,
+                                    "keep": S.KEEP})
+    tables.write_table(spark.createDataFrame(groups, schema), workdir.groups(config.embed.backbone),
+                       metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
+                                 "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
+    n_groups = int(groups[S.GROUP_ID].nunique())
+    counts = {"pairs": len(edges), "groups": n_groups, "images_in_groups": len(labels),
+              "images_to_remove": len(labels) - n_groups}
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})

@@ -1,0 +1,125 @@
+"""A small table's dedup runs on the driver (pipeline.core.pairs); a large one's in Spark.
+Both must write the same tables: the same pairs and scores, lists, groups and keepers, the
+same metadata and counts. Checked on a real run (rotated views and DBA on, as by default),
+with the person's decisions, and with raw cosines."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pipeline.core import storage
+from pipeline.stages import dedup as dd
+from pipeline.stages import steps, tables
+from tests.helpers import make_config, make_small_corpus
+
+
+@pytest.fixture(scope="module")
+def embedded(spark, tmp_path_factory):
+    """A run's image table, embeddings and index: 15 photos and variants plus an exact copy,
+    one sideways copy and a PNG re-encode (keep policy ties), under two folders."""
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("driver-dedup")
+    corpus = base / "corpus"
+    make_small_corpus(corpus / "a")
+    shutil.copytree(corpus / "a" / "coffee", corpus / "b" / "coffee")
+    Image.open(corpus / "a" / "rocket" / "original.jpg").rotate(90, expand=True).save(corpus / "b" / "rocket_side.jpg")
+    Image.open(corpus / "a" / "chelsea" / "original.jpg").save(corpus / "b" / "chelsea.png")
+    config = make_config(base / "work", ingest__input=[str(corpus)], progress="never")
+    steps.ingest_step(spark, config)
+    steps.embed_step(spark, config)
+    steps.index_step(spark, config)
+    return config, corpus
+
+
+def _tables(spark, config) -> dict:
+    wd = storage.Workdir.of(config.workdir)
+    method = config.embed.backbone
+    out = {}
+    for name, uri in (("pairs", wd.pairs(method)), ("groups", wd.groups(method)), ("lists", wd.neighbors(method))):
+        if not tables.is_committed(spark, uri):
+            continue
+        frame = tables.read_table(spark, uri, name)
+        rows = sorted(tuple(r) for r in frame.collect())
+        out[name] = (frame.schema, rows, storage.read_metadata(uri))
+    return out
+
+
+def _both_paths(spark, config, monkeypatch) -> tuple[tuple, tuple]:
+    monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 0)
+    spark_counts = dd.dedup(spark, config)
+    in_spark = _tables(spark, config)
+    monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 20_000)
+    driver_counts = dd.dedup(spark, config)
+    return (spark_counts, in_spark), (driver_counts, _tables(spark, config))
+
+
+def _assert_same(in_spark: dict, on_driver: dict) -> None:
+    assert in_spark.keys() == on_driver.keys()
+    for name in in_spark:
+        (schema_s, rows_s, meta_s), (schema_d, rows_d, meta_d) = in_spark[name], on_driver[name]
+        assert schema_d == schema_s, name
+        assert meta_d == meta_s, name
+        assert len(rows_d) == len(rows_s), name
+        for rs, rd in zip(rows_s, rows_d):
+            for vs, vd in zip(rs, rd):
+                if isinstance(vs, float):
+                    assert vd == pytest.approx(vs, abs=1e-6), (name, rs, rd)
+                else:
+                    assert vd == vs, (name, rs, rd)
+
+
+def test_calibrated_dedup_is_the_same_on_the_driver(spark, embedded, monkeypatch):
+    config, _ = embedded
+    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, config, monkeypatch)
+    assert driver_counts == spark_counts
+    assert {"pairs", "groups", "lists"} <= on_driver.keys()
+    _assert_same(in_spark, on_driver)
+    pairs = on_driver["pairs"][1]
+    assert pairs and all(r[3] is not None and r[3] >= config.dedup.threshold for r in pairs)
+    # The sideways copy is found (the rotated views reach the driver path through the search).
+    groups = on_driver["groups"][1]
+    assert spark_counts["groups"] >= 5 and sum(1 for r in groups if r[3]) == spark_counts["groups"]
+
+
+def test_decisions_and_keep_folders_are_the_same_on_the_driver(spark, embedded, monkeypatch, tmp_path):
+    config, corpus = embedded
+    declared = tmp_path / "not_duplicates.csv"
+    declared.write_text(f"path_a,path_b\n{corpus / 'a' / 'coffee' / 'original.jpg'},"
+                        f"{corpus / 'b' / 'coffee' / 'original.jpg'}\n"
+                        f"{corpus / 'a' / 'astronaut' / 'original.jpg'},{corpus / 'nowhere.jpg'}\n")
+    for keep in ("pixels", "largest", "oldest", "newest"):
+        decided = config.with_overrides(dedup__not_duplicates=str(declared), dedup__keep=keep,
+                                        dedup__keep_folders=[str(corpus / "b")])
+        (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, decided, monkeypatch)
+        assert driver_counts == spark_counts, keep
+        assert spark_counts["groups_split_by_not_duplicates"] == 1 and spark_counts["not_duplicates_unmatched"] == 1
+        _assert_same(in_spark, on_driver)
+
+
+def test_cosine_scores_are_the_same_on_the_driver(spark, embedded, monkeypatch):
+    config, _ = embedded
+    cosine = config.with_overrides(dedup__score="cosine", dedup__threshold=0.85)
+    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, cosine, monkeypatch)
+    assert driver_counts == spark_counts
+    _assert_same(in_spark, on_driver)
+    assert all(r[3] is None for r in on_driver["pairs"][1])
+
+
+def test_the_pure_pair_functions_on_hand_made_rows():
+    import numpy as np
+
+    from pipeline.core import pairs as P
+
+    q = np.array(["a", "a", "a", "b", "b", "c"], object)
+    n = np.array(["a", "c", "b", "b", "a", "a"], object)
+    r = np.array([0, 1, 2, 0, 1, 0])
+    s = np.array([1.0, 0.9, 0.5, 1.0, 0.6, 0.95], np.float32)
+    ids, lists, values = P.knn_lists(q, n, r, s, k=1)
+    assert ids == ["a", "b", "c"] and lists == [["c"], ["a"], ["a"]]
+    assert P.list_levels(ids, values, rank=3) == {"a": pytest.approx(0.9), "b": pytest.approx(0.6),
+                                                 "c": pytest.approx(0.95)}
+    a, b, best = P.candidate_pairs(q, n, s)
+    assert list(zip(a, b)) == [("a", "b"), ("a", "c")] and best.tolist() == pytest.approx([0.6, 0.95])
+    assert P.histogram(np.array([0.951, 0.955, -1.0, 1.0, np.nan])) == {"-1.00": 1, "0.95": 2, "0.99": 1}
