@@ -91,6 +91,22 @@ def with_lists(spark: SparkSession, config: Config, state: DataFrame, count: int
     return state.join(lists, S.IMAGE_ID), int(sum(r["n"] for r in risky))
 
 
+def lists_on_driver(spark: SparkSession, config: Config, state: pd.DataFrame, count: int,
+                    calibration: cal_core.Calibration, threshold: float) -> tuple[pd.DataFrame, int]:
+    """:func:`with_lists` on the driver, for a state held there (a small table's)."""
+    k = config.dedup.k
+    lists = tables.read_table(spark, storage.Workdir.of(config.workdir).neighbors(config.embed.backbone),
+                              "neighbour lists").select(S.IMAGE_ID, KNN_IDS, KNN_SIMS).toPandas()
+    sims = [np.asarray(v, np.float32) for v in lists[KNN_SIMS]]
+    bounds = [(float(v[k - 1]) if len(v) >= k else None) if count - 1 > k else matching.NO_BOUND for v in sims]
+    levels = [float(v[min(calibration.rank, len(v)) - 1]) if len(v) else -1.0 for v in sims]
+    lists = pd.DataFrame({S.IMAGE_ID: lists[S.IMAGE_ID], KNN_IDS: lists[KNN_IDS], KNN_SIMS: sims,
+                          KNN_BOUND: bounds, LEVEL: levels})
+    risky = sum(at_risk(list(v), b, lv, calibration, threshold, k)
+                for v, b, lv in zip(sims, bounds, levels) if b is not None)
+    return state.merge(lists, on=S.IMAGE_ID, how="inner"), int(risky)
+
+
 def _risk_scan(calibration: cal_core.Calibration, threshold: float, k: int):
     def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         n = 0

@@ -1,6 +1,6 @@
 """A small table's dedup runs on the driver (pipeline.core.pairs); a large one's in Spark.
 Both must write the same tables: the same pairs and scores, lists, groups and keepers, the
-same metadata and counts. Checked on a real run (rotated views and DBA on, as by default),
+incremental state made from them, the same metadata and counts. Checked on a real run (rotated views and DBA on, as by default),
 with the person's decisions, and with raw cosines."""
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def _tables(spark, config) -> dict:
     wd = storage.Workdir.of(config.workdir)
     method = config.embed.backbone
     out = {}
-    for name, uri in (("pairs", wd.pairs(method)), ("groups", wd.groups(method)), ("lists", wd.neighbors(method))):
+    for name, uri in (("pairs", wd.pairs(method)), ("groups", wd.groups(method)), ("lists", wd.neighbors(method)),
+                      ("state", wd.incremental(method))):
         if not tables.is_committed(spark, uri):
             continue
         frame = tables.read_table(spark, uri, name)
@@ -46,13 +47,21 @@ def _tables(spark, config) -> dict:
     return out
 
 
+def _dedup_and_state(spark, config) -> tuple[dict, dict]:
+    """The dedup, then the incremental state written from it (as a run does)."""
+    from pipeline.stages import incremental
+
+    counts = dd.dedup(spark, config)
+    threshold = storage.read_metadata(storage.Workdir.of(config.workdir).pairs(config.embed.backbone))["threshold"]
+    incremental.write_state(spark, config, threshold)
+    return counts, _tables(spark, config)
+
+
 def _both_paths(spark, config, monkeypatch) -> tuple[tuple, tuple]:
     monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 0)
-    spark_counts = dd.dedup(spark, config)
-    in_spark = _tables(spark, config)
+    in_spark = _dedup_and_state(spark, config)
     monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 20_000)
-    driver_counts = dd.dedup(spark, config)
-    return (spark_counts, in_spark), (driver_counts, _tables(spark, config))
+    return in_spark, _dedup_and_state(spark, config)
 
 
 def _assert_same(in_spark: dict, on_driver: dict) -> None:
@@ -64,17 +73,17 @@ def _assert_same(in_spark: dict, on_driver: dict) -> None:
         assert len(rows_d) == len(rows_s), name
         for rs, rd in zip(rows_s, rows_d):
             for vs, vd in zip(rs, rd):
-                if isinstance(vs, float):
-                    assert vd == pytest.approx(vs, abs=1e-6), (name, rs, rd)
+                if isinstance(vs, float) or (isinstance(vs, list) and vs and isinstance(vs[0], float)):
+                    assert vd == pytest.approx(vs, abs=1e-6), (name, rs[0], rd[0])
                 else:
-                    assert vd == vs, (name, rs, rd)
+                    assert vd == vs, (name, rs[0], rd[0])
 
 
 def test_calibrated_dedup_is_the_same_on_the_driver(spark, embedded, monkeypatch):
     config, _ = embedded
     (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, config, monkeypatch)
     assert driver_counts == spark_counts
-    assert {"pairs", "groups", "lists"} <= on_driver.keys()
+    assert {"pairs", "groups", "lists", "state"} <= on_driver.keys()
     _assert_same(in_spark, on_driver)
     pairs = on_driver["pairs"][1]
     assert pairs and all(r[3] is not None and r[3] >= config.dedup.threshold for r in pairs)
