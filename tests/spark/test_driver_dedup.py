@@ -1,16 +1,17 @@
 """A small table's dedup runs on the driver (pipeline.core.pairs); a large one's in Spark.
 Both must write the same tables: the same pairs and scores, lists, groups and keepers, the
-incremental state made from them, the same metadata and counts. Checked on a real run (rotated views and DBA on, as by default),
-with the person's decisions, and with raw cosines."""
+incremental state made from them, the same metadata and counts. Checked on a real run
+(rotated views and DBA on, as by default), with the person's decisions, and with raw cosines."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
+from pipeline import api
 from pipeline.core import storage
 from pipeline.stages import dedup as dd
-from pipeline.stages import steps, tables
+from pipeline.stages import tables
 from tests.helpers import make_config, make_small_corpus
 
 
@@ -27,10 +28,7 @@ def embedded(spark, tmp_path_factory):
     Image.open(corpus / "a" / "rocket" / "original.jpg").rotate(90, expand=True).save(corpus / "b" / "rocket_side.jpg")
     Image.open(corpus / "a" / "chelsea" / "original.jpg").save(corpus / "b" / "chelsea.png")
     config = make_config(base / "work", ingest__input=[str(corpus)], progress="never")
-    steps.ingest_step(spark, config)
-    steps.embed_step(spark, config)
-    steps.index_step(spark, config)
-    return config, corpus
+    return api.run(config=config, spark=spark).config, corpus
 
 
 def _tables(spark, config) -> dict:
