@@ -395,8 +395,8 @@ def _dedup_on_driver(spark: SparkSession, config: Config, metric: str | None, ne
         ids, lists, values = P.knn_lists(q, n, r, s, d.k)
         if d.incremental != "never" and d.qe_k == 0:
             listed = pd.DataFrame({S.IMAGE_ID: ids, KNN_IDS: lists, KNN_SIMS: values})
-            tables.write_table(spark.createDataFrame(listed, neighbour_lists(neighbors, d.k).schema),
-                               workdir.neighbors(method), metadata={"k": d.k})
+            tables.write_frame(spark, listed, neighbour_lists(neighbors, d.k).schema, workdir.neighbors(method),
+                               metadata={"k": d.k})
         if on_lists is not None:
             on_lists(threshold)
         scores = P.pair_scores(a, b, sims, P.list_levels(ids, values, calibration.rank), calibration)
@@ -407,7 +407,7 @@ def _dedup_on_driver(spark: SparkSession, config: Config, metric: str | None, ne
                      "histogram": P.histogram(scores)})
     else:
         threshold = registry.encoder_for(config).threshold(metric)  # dedup.hamming_bits for hashes
-        scores = np.full(len(a), np.nan, np.float32)  # NaN goes to Spark as null
+        scores = np.full(len(a), np.nan, np.float32)  # NaN is written as null
         schema = candidates.withColumn(SCORE, F.lit(None).cast("float")).schema
         kept = sims.astype(np.float64) >= threshold
         meta["histogram"] = P.histogram(sims)
@@ -416,7 +416,7 @@ def _dedup_on_driver(spark: SparkSession, config: Config, metric: str | None, ne
     meta["threshold"] = threshold
     table = pd.DataFrame({S.IMAGE_ID_A: a[kept], S.IMAGE_ID_B: b[kept], S.SIMILARITY: sims[kept],
                           SCORE: scores[kept]})
-    tables.write_table(spark.createDataFrame(table, schema), workdir.pairs(method), metadata=meta)
+    tables.write_frame(spark, table, schema, workdir.pairs(method), metadata=meta)
     edges = list(zip(a[kept].tolist(), b[kept].tolist(), sims[kept].tolist()))
     return write_groups(spark, config, threshold, meta["score"], edges=edges), threshold, meta["score"]
 
@@ -525,7 +525,7 @@ def _groups_on_driver(spark: SparkSession, config: Config, threshold: float, sco
     groups = P.groups_with_keep(labels, info, d.keep, d.keep_folders)
     groups = groups.rename(columns={"group_id": S.GROUP_ID, "image_id": S.IMAGE_ID, "group_size": S.GROUP_SIZE,
                                     "keep": S.KEEP})
-    tables.write_table(spark.createDataFrame(groups, schema), workdir.groups(config.embed.backbone),
+    tables.write_frame(spark, groups, schema, workdir.groups(config.embed.backbone),
                        metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
                                  "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
     n_groups = int(groups[S.GROUP_ID].nunique())

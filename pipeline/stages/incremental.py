@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipeline import schemas as S
 from pipeline.config import Config
@@ -202,21 +203,22 @@ def _write_state_on_driver(spark: SparkSession, config: Config, threshold: float
         state = pd.DataFrame({S.IMAGE_ID: state[S.IMAGE_ID], S.CONTENT_SHA256: state[S.CONTENT_SHA256],
                               AUG: state[S.EMBEDDING], DBA_IDS: [[] for _ in range(len(state))],
                               DBA_SIMS: [np.zeros(0, np.float32) for _ in range(len(state))]})
-    columns = [f"{S.IMAGE_ID} string", f"{S.CONTENT_SHA256} string", f"{AUG} array<float>",
-               f"{DBA_IDS} array<string>", f"{DBA_SIMS} array<float>"]
+    text, floats, texts = T.StringType(), T.ArrayType(T.FloatType()), T.ArrayType(T.StringType())
+    columns = [(S.IMAGE_ID, text), (S.CONTENT_SHA256, text), (AUG, floats), (DBA_IDS, texts), (DBA_SIMS, floats)]
     for r in rotations_of(config):
         rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
         rotated = dict(rotated.where(F.col(S.STATUS) == S.STATUS_OK).select(S.IMAGE_ID, S.EMBEDDING).toPandas()
                        .itertuples(index=False, name=None))
         state[rot_column(r)] = [rotated.get(i) for i in state[S.IMAGE_ID]]
-        columns.append(f"{rot_column(r)} array<float>")
+        columns.append((rot_column(r), floats))
     meta = {**fingerprint(config, threshold), "index_build_id": index.meta.get("build_id"), "count": index.meta["count"]}
     if dd.uses_calibration(config):
         state, meta["unlisted_risk"] = knn.lists_on_driver(spark, config, state, int(index.meta["count"]),
                                                            dd.load_calibration(config), threshold)
-        columns += [f"{knn.KNN_IDS} array<string>", f"{knn.KNN_SIMS} array<float>", f"{knn.KNN_BOUND} double",
-                    f"{knn.LEVEL} double"]
-    tables.write_table(spark.createDataFrame(state, ", ".join(columns)), workdir.incremental(method), metadata=meta)
+        columns += [(knn.KNN_IDS, texts), (knn.KNN_SIMS, floats), (knn.KNN_BOUND, T.DoubleType()),
+                    (knn.LEVEL, T.DoubleType())]
+    tables.write_frame(spark, state, T.StructType([T.StructField(name, kind) for name, kind in columns]),
+                       workdir.incremental(method), metadata=meta)
 
 
 def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> DataFrame:

@@ -77,6 +77,40 @@ def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = N
     commit_folder(spark, staging, uri)
 
 
+def write_frame(spark: SparkSession, frame, schema, uri: str, *, metadata: dict[str, Any] | None = None) -> None:
+    """Write rows made on the driver (a pandas frame) as a table of ``schema`` (a Spark
+    StructType): one Parquet file written by pyarrow, committed as :func:`write_table` commits.
+
+    For the small tables the driver computes (a small collection's pairs, lists, groups and
+    incremental state). Spark's way there, ``createDataFrame`` and a write job, converts every
+    row between Arrow and the JVM: 2.5 of the 4.7 s of the state of 9,978 images."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from pipeline.core.storage import write_bytes
+
+    arrow_schema = to_arrow_schema(schema)
+    table = pa.Table.from_arrays([pa.array(frame[f.name].tolist() if f.name in frame else [None] * len(frame),
+                                           type=arrow_schema.field(f.name).type, from_pandas=True)
+                                  for f in schema.fields], schema=arrow_schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="snappy")
+    recover_table(spark, uri)
+    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
+    try:
+        write_bytes(f"{staging}/part-00000-{uuid.uuid4()}-c000.snappy.parquet", buffer.getvalue())
+        write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
+        if metadata is not None:
+            write_json(f"{staging}/{METADATA_FILE}", metadata)
+    except BaseException:
+        remove(spark, staging)
+        raise
+    commit_folder(spark, staging, uri)
+
+
 def commit_folder(spark: SparkSession, staging: str, uri: str) -> None:
     """Replace ``uri`` by ``staging``: old table aside, new one in, old one deleted."""
     fs, final = _hadoop_fs(spark, uri)

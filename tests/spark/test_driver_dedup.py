@@ -113,20 +113,3 @@ def test_cosine_scores_are_the_same_on_the_driver(spark, embedded, monkeypatch):
     _assert_same(in_spark, on_driver)
     assert all(r[3] is None for r in on_driver["pairs"][1])
 
-
-def test_the_pure_pair_functions_on_hand_made_rows():
-    import numpy as np
-
-    from pipeline.core import pairs as P
-
-    q = np.array(["a", "a", "a", "b", "b", "c"], object)
-    n = np.array(["a", "c", "b", "b", "a", "a"], object)
-    r = np.array([0, 1, 2, 0, 1, 0])
-    s = np.array([1.0, 0.9, 0.5, 1.0, 0.6, 0.95], np.float32)
-    ids, lists, values = P.knn_lists(q, n, r, s, k=1)
-    assert ids == ["a", "b", "c"] and lists == [["c"], ["a"], ["a"]]
-    assert P.list_levels(ids, values, rank=3) == {"a": pytest.approx(0.9), "b": pytest.approx(0.6),
-                                                 "c": pytest.approx(0.95)}
-    a, b, best = P.candidate_pairs(q, n, s)
-    assert list(zip(a, b)) == [("a", "b"), ("a", "c")] and best.tolist() == pytest.approx([0.6, 0.95])
-    assert P.histogram(np.array([0.951, 0.955, -1.0, 1.0, np.nan])) == {"-1.00": 1, "0.95": 2, "0.99": 1}
