@@ -154,6 +154,9 @@ class DedupSettings:
     # rebuild (exact index), always = also with an approximate index, never = full every time.
     incremental: str = "auto"
     incremental_max_new: int = 10_000  # more new images than this: full dedup
+    # Up to this many images the pairs, lists, groups and incremental state are made on the
+    # driver from the search's collected kNN rows (pipeline.core.pairs); above (or 0), in Spark.
+    driver_max_images: int = 20_000
 
 
 @dataclass

@@ -113,6 +113,8 @@ def validate_review_options(config: "Config") -> None:
         raise ConfigError(f"dedup.incremental must be auto, always or never and dedup.incremental_max_new >= 0, "
                           f"got {d.incremental!r}, {d.incremental_max_new!r}")
     q = config.query
+    if d.driver_max_images < 0:
+        raise ConfigError(f"dedup.driver_max_images must be >= 0, got {d.driver_max_images!r}")
     if q.force_path not in ("auto", "light", "spark") or q.max_light_files < 0:
         raise ConfigError(f"query.force_path must be auto, light or spark and query.max_light_files >= 0, "
                           f"got {q.force_path!r}, {q.max_light_files!r}")

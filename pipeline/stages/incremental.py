@@ -142,7 +142,7 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
     method = config.embed.backbone
     emb = _ok_embeddings(spark, config)
     index = ix.IndexInfo.load(workdir.index_dir(method))
-    if int(index.meta["count"]) <= dd.DRIVER_DEDUP_MAX_IMAGES:
+    if int(index.meta["count"]) <= config.dedup.driver_max_images:
         return _write_state_on_driver(spark, config, threshold, emb, index)
     if dba_on(config):
         n = int(index.meta["count"])
@@ -164,46 +164,22 @@ def write_state(spark: SparkSession, config: Config, threshold: float) -> None:
 
 def _write_state_on_driver(spark: SparkSession, config: Config, threshold: float, emb: DataFrame,
                            index: ix.IndexInfo) -> None:
-    """:func:`write_state` for a small table (as the dedup's pairs: ``dedup.DRIVER_DEDUP_MAX_IMAGES``):
-    the same rows from the same stores and tables, joined on the driver. The Spark version is a
-    dozen short jobs there (the wait for it ended a 2,794-image run, 1.1-1.7 s)."""
-    workdir = storage.Workdir.of(config.workdir)
-    method = config.embed.backbone
-    # With DBA the state's vectors are the augmented ones, read from the store: the raw
-    # embeddings do not leave Spark.
+    """:func:`write_state` for a small table (``dedup.driver_max_images``): the same rows from the
+    same stores and tables, joined on the driver instead of a dozen short Spark jobs."""
+    # With DBA the state's vectors are the augmented ones, from the store: the raw ones stay in Spark.
     state = (emb.select(S.IMAGE_ID, S.CONTENT_SHA256) if dba_on(config) else emb).toPandas()
     if dba_on(config):
         store = rerank.ensure_dba(spark, config, index, lambda kk: _raw_self_search(spark, config, index, kk))
-        stores = index.store_ids()
         image_of = dict(spark.read.parquet(f"{index.path}/idmap").select(S.FAISS_ID, S.IMAGE_ID).toPandas()
                         .itertuples(index=False, name=None))
-        aug, dba_ids, dba_sims = {}, {}, {}
-        from pipeline.core import vector_store as vs
-
-        for u, unit in enumerate(store.units):
-            if not unit.ok:
-                continue
-            ids, sims = store.lists(u)
-            vectors = np.asarray(vs.load_array(store.file(u)), dtype=np.float32)
-            for fid, vector, listed, values in zip(vs.stored_ids(index.path, unit, stores[unit.shard]).tolist(),
-                                                   vectors, ids, sims):
-                image = image_of.get(fid)
-                if image is None:
-                    continue
-                keep = listed >= 0
-                aug[image] = vector
-                dba_ids[image] = [image_of[f] for f in listed[keep].tolist() if f in image_of]
-                dba_sims[image] = np.asarray(values[keep], np.float32)
-        state = state[state[S.IMAGE_ID].isin(aug.keys())]
-        images = state[S.IMAGE_ID]
-        state = pd.DataFrame({S.IMAGE_ID: images, S.CONTENT_SHA256: state[S.CONTENT_SHA256],
-                              AUG: [aug[i] for i in images], DBA_IDS: [dba_ids[i] for i in images],
-                              DBA_SIMS: [dba_sims[i] for i in images]})
+        rows = store.rows_by_image(index.path, index.store_ids(), image_of)
+        images = state[S.IMAGE_ID][state[S.IMAGE_ID].isin(rows.keys())]
+        state = pd.DataFrame({S.IMAGE_ID: images, S.CONTENT_SHA256: state[S.CONTENT_SHA256][images.index],
+                              **{c: [rows[i][j] for i in images] for j, c in enumerate((AUG, DBA_IDS, DBA_SIMS))}})
     else:
-        state = pd.DataFrame({S.IMAGE_ID: state[S.IMAGE_ID], S.CONTENT_SHA256: state[S.CONTENT_SHA256],
-                              AUG: state[S.EMBEDDING], DBA_IDS: [[] for _ in range(len(state))],
-                              DBA_SIMS: [np.zeros(0, np.float32) for _ in range(len(state))]})
-    text, floats, texts = T.StringType(), T.ArrayType(T.FloatType()), T.ArrayType(T.StringType())
+        state = pd.DataFrame({S.IMAGE_ID: state[S.IMAGE_ID], S.CONTENT_SHA256: state[S.CONTENT_SHA256], AUG: state[S.EMBEDDING],
+                              DBA_IDS: [[]] * len(state), DBA_SIMS: [np.zeros(0, np.float32)] * len(state)})
+    text, floats, texts, double = T.StringType(), T.ArrayType(T.FloatType()), T.ArrayType(T.StringType()), T.DoubleType()
     columns = [(S.IMAGE_ID, text), (S.CONTENT_SHA256, text), (AUG, floats), (DBA_IDS, texts), (DBA_SIMS, floats)]
     for r in rotations_of(config):
         rotated = tables.read_table(spark, rerank.ensure_rotated(spark, config, r), "rotated embedding table")
@@ -215,10 +191,9 @@ def _write_state_on_driver(spark: SparkSession, config: Config, threshold: float
     if dd.uses_calibration(config):
         state, meta["unlisted_risk"] = knn.lists_on_driver(spark, config, state, int(index.meta["count"]),
                                                            dd.load_calibration(config), threshold)
-        columns += [(knn.KNN_IDS, texts), (knn.KNN_SIMS, floats), (knn.KNN_BOUND, T.DoubleType()),
-                    (knn.LEVEL, T.DoubleType())]
+        columns += [(knn.KNN_IDS, texts), (knn.KNN_SIMS, floats), (knn.KNN_BOUND, double), (knn.LEVEL, double)]
     tables.write_frame(spark, state, T.StructType([T.StructField(name, kind) for name, kind in columns]),
-                       workdir.incremental(method), metadata=meta)
+                       storage.Workdir.of(config.workdir).incremental(config.embed.backbone), metadata=meta)
 
 
 def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> DataFrame:

@@ -124,6 +124,23 @@ class DbaStore:
         with np.load(io.BytesIO(storage.read_bytes(self.lists_file(unit)))) as f:
             return f["ids"], f["sims"]
 
+    def rows_by_image(self, index_path: str, stores: dict, image_of: dict) -> dict[str, tuple]:
+        """Image id -> (augmented vector, DBA list as image ids, its similarities), read on the
+        driver (a small table's incremental state); ``image_of``: FAISS id -> image id."""
+        out = {}
+        for u, unit in enumerate(self.units):
+            if not unit.ok:
+                continue
+            ids, sims = self.lists(u)
+            vectors = np.asarray(vs.load_array(self.file(u)), dtype=np.float32)
+            for fid, vector, listed, values in zip(vs.stored_ids(index_path, unit, stores[unit.shard]).tolist(),
+                                                   vectors, ids, sims):
+                if fid in image_of:
+                    keep = listed >= 0
+                    out[image_of[fid]] = (vector, [image_of[f] for f in listed[keep].tolist() if f in image_of],
+                                          np.asarray(values[keep], np.float32))
+        return out
+
     def files_of(self):
         """``shard -> [(first position, file)]`` for :func:`pipeline.core.vector_store.gather`."""
         parts: dict[int, list] = {}

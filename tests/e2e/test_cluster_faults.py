@@ -263,7 +263,10 @@ def test_executor_killed_in_the_middle_of_dedup(cluster, corpus, fault_free, tmp
     # dedup alone, on a copy of the fault-free run's tables (images, embeddings, index, DBA).
     workdir = tmp_path / "work"
     shutil.copytree(fault_free[0], workdir, ignore=shutil.ignore_patterns("pairs", "groups", "mlflow.db", "mlruns"))
-    run = submit_job(cluster, "dedup", ["--workdir", str(workdir)], tmp_path, kill_in="MapInPandas",
+    # The Spark path of the dedup (a table this small is otherwise made on the driver, whose only
+    # executor tasks are the search's).
+    run = submit_job(cluster, "dedup", ["--workdir", str(workdir), "--set", "dedup.driver_max_images=0"], tmp_path,
+                     kill_in="MapInPandas",
                      min_task_seconds=0.5)
     assert run.returncode == 0, run.log[-4000:]
     assert_fault_hit_a_running_task(run, cluster)

@@ -45,21 +45,19 @@ def _tables(spark, config) -> dict:
     return out
 
 
-def _dedup_and_state(spark, config) -> tuple[dict, dict]:
+def _dedup_and_state(spark, config, driver_max_images: int) -> tuple[dict, dict]:
     """The dedup, then the incremental state written from it (as a run does)."""
     from pipeline.stages import incremental
 
+    config = config.with_overrides(dedup__driver_max_images=driver_max_images)
     counts = dd.dedup(spark, config)
     threshold = storage.read_metadata(storage.Workdir.of(config.workdir).pairs(config.embed.backbone))["threshold"]
     incremental.write_state(spark, config, threshold)
     return counts, _tables(spark, config)
 
 
-def _both_paths(spark, config, monkeypatch) -> tuple[tuple, tuple]:
-    monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 0)
-    in_spark = _dedup_and_state(spark, config)
-    monkeypatch.setattr(dd, "DRIVER_DEDUP_MAX_IMAGES", 20_000)
-    return in_spark, _dedup_and_state(spark, config)
+def _both_paths(spark, config) -> tuple[tuple, tuple]:
+    return _dedup_and_state(spark, config, 0), _dedup_and_state(spark, config, 20_000)
 
 
 def _assert_same(in_spark: dict, on_driver: dict) -> None:
@@ -77,9 +75,9 @@ def _assert_same(in_spark: dict, on_driver: dict) -> None:
                     assert vd == vs, (name, rs[0], rd[0])
 
 
-def test_calibrated_dedup_is_the_same_on_the_driver(spark, embedded, monkeypatch):
+def test_calibrated_dedup_is_the_same_on_the_driver(spark, embedded):
     config, _ = embedded
-    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, config, monkeypatch)
+    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, config)
     assert driver_counts == spark_counts
     assert {"pairs", "groups", "lists", "state"} <= on_driver.keys()
     _assert_same(in_spark, on_driver)
@@ -90,7 +88,7 @@ def test_calibrated_dedup_is_the_same_on_the_driver(spark, embedded, monkeypatch
     assert spark_counts["groups"] >= 5 and sum(1 for r in groups if r[3]) == spark_counts["groups"]
 
 
-def test_decisions_and_keep_folders_are_the_same_on_the_driver(spark, embedded, monkeypatch, tmp_path):
+def test_decisions_and_keep_folders_are_the_same_on_the_driver(spark, embedded, tmp_path):
     config, corpus = embedded
     declared = tmp_path / "not_duplicates.csv"
     declared.write_text(f"path_a,path_b\n{corpus / 'a' / 'coffee' / 'original.jpg'},"
@@ -99,16 +97,16 @@ def test_decisions_and_keep_folders_are_the_same_on_the_driver(spark, embedded, 
     for keep in ("pixels", "largest", "oldest", "newest"):
         decided = config.with_overrides(dedup__not_duplicates=str(declared), dedup__keep=keep,
                                         dedup__keep_folders=[str(corpus / "b")])
-        (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, decided, monkeypatch)
+        (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, decided)
         assert driver_counts == spark_counts, keep
         assert spark_counts["groups_split_by_not_duplicates"] == 1 and spark_counts["not_duplicates_unmatched"] == 1
         _assert_same(in_spark, on_driver)
 
 
-def test_cosine_scores_are_the_same_on_the_driver(spark, embedded, monkeypatch):
+def test_cosine_scores_are_the_same_on_the_driver(spark, embedded):
     config, _ = embedded
     cosine = config.with_overrides(dedup__score="cosine", dedup__threshold=0.85)
-    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, cosine, monkeypatch)
+    (spark_counts, in_spark), (driver_counts, on_driver) = _both_paths(spark, cosine)
     assert driver_counts == spark_counts
     _assert_same(in_spark, on_driver)
     assert all(r[3] is None for r in on_driver["pairs"][1])
