@@ -113,7 +113,7 @@ def uses_calibration(config: Config) -> bool:
     return config.dedup.score == "calibrated" and registry.encoder_for(config).reranking
 
 
-HISTOGRAM_BINS = 200  # similarity histogram over [-1, 1] in steps of 0.01
+HISTOGRAM_BINS = P.HISTOGRAM_BINS  # similarity histogram over [-1, 1] in steps of 0.01
 
 
 def similarity_histograms(candidates: DataFrame, columns: Sequence[str]) -> list[dict[str, int]]:
