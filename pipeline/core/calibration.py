@@ -62,17 +62,19 @@ def neighbour_levels(query_ids: np.ndarray, neighbor_ids: np.ndarray, ranks: np.
     return levels
 
 
-def candidate_pairs(query_ids: np.ndarray, neighbor_ids: np.ndarray, sims: np.ndarray) -> dict[tuple, float]:
-    """Unordered pairs (a < b) of the kNN lists, each with its best similarity (no self pairs)."""
-    out: dict[tuple, float] = {}
-    for q, n, s in zip(np.asarray(query_ids).tolist(), np.asarray(neighbor_ids).tolist(),
-                       np.asarray(sims, dtype=np.float64).tolist()):
-        if q == n:
-            continue
-        key = (q, n) if q < n else (n, q)
-        if s > out.get(key, -np.inf):
-            out[key] = s
-    return out
+def candidate_pairs(query_ids: np.ndarray, neighbor_ids: np.ndarray,
+                    sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unordered pairs (a < b) of the kNN rows, sorted, each with its best similarity (in the
+    rows' dtype); no self pairs."""
+    import pandas as pd
+
+    q, n, s = np.asarray(query_ids, object), np.asarray(neighbor_ids, object), np.asarray(sims)
+    keep = q != n
+    q, n, s = q[keep], n[keep], s[keep]
+    first = q < n
+    frame = pd.DataFrame({"a": np.where(first, q, n), "b": np.where(first, n, q), "s": s})
+    best = frame.groupby(["a", "b"], sort=True, as_index=False)["s"].max()
+    return best.a.to_numpy(), best.b.to_numpy(), best.s.to_numpy()
 
 
 def features(cosine: np.ndarray, level_a: np.ndarray, level_b: np.ndarray,
@@ -93,11 +95,10 @@ def features(cosine: np.ndarray, level_a: np.ndarray, level_b: np.ndarray,
 def pair_table(query_ids, neighbor_ids, ranks, sims, rank: int):
     """kNN rows -> (pairs list, cosine, level_a, level_b): everything a calibration needs."""
     levels = neighbour_levels(query_ids, neighbor_ids, ranks, sims, rank)
-    pairs = candidate_pairs(query_ids, neighbor_ids, sims)
-    keys = sorted(pairs)
-    cos = np.array([pairs[k] for k in keys], np.float64)
-    la = np.array([levels[a] for a, _ in keys], np.float64)
-    lb = np.array([levels[b] for _, b in keys], np.float64)
+    a, b, cos = candidate_pairs(query_ids, neighbor_ids, np.asarray(sims, np.float64))
+    keys = list(zip(a.tolist(), b.tolist()))
+    la = np.array([levels[x] for x in a.tolist()], np.float64)
+    lb = np.array([levels[y] for y in b.tolist()], np.float64)
     return keys, cos, la, lb
 
 

@@ -1,5 +1,5 @@
-"""The dedup's pair arithmetic in numpy: kNN rows -> lists, levels, candidate pairs, scores,
-histograms, and the groups with their keep decision.
+"""The dedup's pair arithmetic in numpy: kNN rows -> lists, levels, scores, histograms, and
+the groups with their keep decision (the candidate pairs: :func:`pipeline.core.calibration.candidate_pairs`).
 
 :mod:`pipeline.stages.dedup` computes the same in Spark at scale. A small table takes this
 path on the driver instead: there the Spark version is a chain of about twenty short jobs
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import grouping as G
-from pipeline.core.calibration import Calibration
+from pipeline.core.calibration import Calibration, level_of_row
 
 HISTOGRAM_BINS = 200  # similarity histogram over [-1, 1] in steps of 0.01
 
@@ -42,20 +42,7 @@ def knn_lists(query_ids: np.ndarray, neighbor_ids: np.ndarray, ranks: np.ndarray
 def list_levels(ids: Sequence[str], values: Sequence[np.ndarray], rank: int) -> dict[str, float]:
     """Each listed image's similarity to its ``rank``-th other neighbour (fewer: the last one),
     as the float32 value widened: the Spark twin reads it from the same float lists."""
-    return {i: float(v[min(rank, len(v)) - 1]) if len(v) else -1.0 for i, v in zip(ids, values)}
-
-
-def candidate_pairs(query_ids: np.ndarray, neighbor_ids: np.ndarray,
-                    sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unordered pairs (a < b) of the kNN rows with their best similarity (float32), no self pairs."""
-    q, n = np.asarray(query_ids, object), np.asarray(neighbor_ids, object)
-    s = np.asarray(sims, np.float32)
-    keep = q != n
-    q, n, s = q[keep], n[keep], s[keep]
-    first = q < n
-    frame = pd.DataFrame({"a": np.where(first, q, n), "b": np.where(first, n, q), "s": s})
-    best = frame.groupby(["a", "b"], sort=True, as_index=False)["s"].max()
-    return best.a.to_numpy(), best.b.to_numpy(), best.s.to_numpy(np.float32)
+    return {i: level_of_row(v, rank) for i, v in zip(ids, values)}
 
 
 def pair_scores(a: np.ndarray, b: np.ndarray, sims: np.ndarray, levels: Mapping[str, float],

@@ -254,7 +254,7 @@ def _dedup_on_driver(spark: SparkSession, config: Config, metric: str | None, ne
     meta: dict = {"metric": metric, "k": d.k, "score": "calibrated" if calibrated else "cosine"}
     rows = neighbors.select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY).toPandas()
     q, n, r, s = (rows[c].to_numpy() for c in (S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY))
-    a, b, sims = P.candidate_pairs(q, n, s)
+    a, b, sims = cal_core.candidate_pairs(q, n, s.astype(np.float32))
     candidates = pairs_from_neighbors(neighbors, -1.0)  # not run: its schema, the Spark path's
     if calibrated:
         calibration = load_calibration(config)

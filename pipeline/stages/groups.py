@@ -182,29 +182,21 @@ def write_groups(spark: SparkSession, config: Config, threshold: float, score: s
             components, split = components_honouring(spark, pairs, forbidden, checkpoint_dir=scratch,
                                                      pair_count=n_pairs)
         if images is None:
-            images = components.select(S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
-                                       *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])
+            images = _no_image_info(components)
         groups = groups_with_keep(components, images, d.keep, d.keep_folders)
-        tables.write_table(groups, workdir.groups(method),
-                           metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
-                                     "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
+        tables.write_table(groups, workdir.groups(method), metadata=_groups_meta(d, threshold, score))
     finally:
         tables.remove(spark, scratch)
     if labels is not None:
         # Components made on the driver: the counts are known there (each group keeps one image),
         # without reading the groups table back (two Spark jobs of a small run's dedup).
-        n_groups = len(set(labels.values()))
-        counts = {"pairs": n_pairs, "groups": n_groups, "images_in_groups": len(labels),
-                  "images_to_remove": len(labels) - n_groups}
+        counts = _label_counts(n_pairs, labels)
     else:
         groups = tables.read_table(spark, workdir.groups(method), "groups table")
         row = groups.agg(F.countDistinct(S.GROUP_ID).alias("groups"), F.count(F.lit(1)).alias("images_in_groups"),
                          F.sum((~F.col(S.KEEP)).cast("long")).alias("images_to_remove")).first()
         counts = {"pairs": n_pairs, **{k: int(row[k] or 0) for k in ("groups", "images_in_groups", "images_to_remove")}}
-    if d.not_duplicates:
-        counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
-                       "groups_split_by_not_duplicates": split})
-    return counts
+    return _with_decisions(counts, d, forbidden, unmatched, split)
 
 
 def _groups_on_driver(spark: SparkSession, config: Config, threshold: float, score: str,
@@ -237,19 +229,36 @@ def _groups_on_driver(spark: SparkSession, config: Config, threshold: float, sco
             info = {row[S.IMAGE_ID]: row for row in rows.to_dict("records") if row[S.IMAGE_ID] in labels}
         schema = groups_with_keep(components, images, d.keep, d.keep_folders).schema
     else:
-        schema = groups_with_keep(components, components.select(
-            S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
-            *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])).schema
+        schema = groups_with_keep(components, _no_image_info(components)).schema
     groups = P.groups_with_keep(labels, info, d.keep, d.keep_folders)
     groups = groups.rename(columns={"group_id": S.GROUP_ID, "image_id": S.IMAGE_ID, "group_size": S.GROUP_SIZE,
                                     "keep": S.KEEP})
     tables.write_frame(spark, groups, schema, workdir.groups(config.embed.backbone),
-                       metadata={"keep": d.keep, "keep_folders": list(d.keep_folders),
-                                 "not_duplicates": d.not_duplicates, "threshold": threshold, "score": score})
-    n_groups = int(groups[S.GROUP_ID].nunique())
-    counts = {"pairs": len(edges), "groups": n_groups, "images_in_groups": len(labels),
-              "images_to_remove": len(labels) - n_groups}
+                       metadata=_groups_meta(d, threshold, score))
+    counts = _label_counts(len(edges), labels)
+    return _with_decisions(counts, d, forbidden, unmatched, split)
+
+
+def _groups_meta(d, threshold: float, score: str) -> dict:
+    return {"keep": d.keep, "keep_folders": list(d.keep_folders), "not_duplicates": d.not_duplicates,
+            "threshold": threshold, "score": score}
+
+
+def _label_counts(n_pairs: int, labels: dict[str, str]) -> dict:
+    """Counts from components made on the driver: each group keeps one image."""
+    n_groups = len(set(labels.values()))
+    return {"pairs": n_pairs, "groups": n_groups, "images_in_groups": len(labels),
+            "images_to_remove": len(labels) - n_groups}
+
+
+def _with_decisions(counts: dict, d, forbidden: list, unmatched: int, split: int) -> dict:
     if d.not_duplicates:
         counts.update({"not_duplicates_pairs": len(forbidden), "not_duplicates_unmatched": unmatched,
                        "groups_split_by_not_duplicates": split})
     return counts
+
+
+def _no_image_info(components: DataFrame) -> DataFrame:
+    """Image rows without sizes or paths (no image table): every group keeps its smallest id."""
+    return components.select(S.IMAGE_ID, F.lit(None).cast("string").alias(S.PATH),
+                             *[F.lit(None).cast("long").alias(c) for c in (S.WIDTH, S.HEIGHT, S.SIZE_BYTES)])

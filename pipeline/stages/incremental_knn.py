@@ -99,7 +99,7 @@ def lists_on_driver(spark: SparkSession, config: Config, state: pd.DataFrame, co
                               "neighbour lists").select(S.IMAGE_ID, KNN_IDS, KNN_SIMS).toPandas()
     sims = [np.asarray(v, np.float32) for v in lists[KNN_SIMS]]
     bounds = [(float(v[k - 1]) if len(v) >= k else None) if count - 1 > k else matching.NO_BOUND for v in sims]
-    levels = [float(v[min(calibration.rank, len(v)) - 1]) if len(v) else -1.0 for v in sims]
+    levels = [cal_core.level_of_row(v, calibration.rank) for v in sims]
     lists = pd.DataFrame({S.IMAGE_ID: lists[S.IMAGE_ID], KNN_IDS: lists[KNN_IDS], KNN_SIMS: sims,
                           KNN_BOUND: bounds, LEVEL: levels})
     risky = sum(at_risk(list(v), b, lv, calibration, threshold, k)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -59,16 +59,21 @@ def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = N
     ``df`` may read the current table at ``uri`` (incremental jobs do): the old table is only
     moved aside after the new one is completely written.
     """
-    spark = df.sparkSession
-    recover_table(spark, uri)
-    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
     writer = df.write.mode("errorifexists")
     if max_records_per_file:
         writer = writer.option("maxRecordsPerFile", int(max_records_per_file))
     if partition_by:
         writer = writer.partitionBy(*partition_by)
+    _write_staged(df.sparkSession, uri, writer.parquet, metadata)
+
+
+def _write_staged(spark: SparkSession, uri: str, write: Callable[[str], None], metadata: dict[str, Any] | None) -> None:
+    """``write(staging folder)``, the metadata next to it, then the commit by rename (the
+    staging folder removed when anything fails)."""
+    recover_table(spark, uri)
+    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
     try:
-        writer.parquet(staging)
+        write(staging)
         if metadata is not None:
             write_json(f"{staging}/{METADATA_FILE}", metadata)
     except BaseException:
@@ -98,17 +103,12 @@ def write_frame(spark: SparkSession, frame, schema, uri: str, *, metadata: dict[
                                   for f in schema.fields], schema=arrow_schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="snappy")
-    recover_table(spark, uri)
-    staging = f"{uri}.staging-{uuid.uuid4().hex[:12]}"
-    try:
+
+    def write(staging: str) -> None:
         write_bytes(f"{staging}/part-00000-{uuid.uuid4()}-c000.snappy.parquet", buffer.getvalue())
         write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
-        if metadata is not None:
-            write_json(f"{staging}/{METADATA_FILE}", metadata)
-    except BaseException:
-        remove(spark, staging)
-        raise
-    commit_folder(spark, staging, uri)
+
+    _write_staged(spark, uri, write, metadata)
 
 
 def commit_folder(spark: SparkSession, staging: str, uri: str) -> None:

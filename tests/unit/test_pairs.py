@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.core import grouping as G
 from pipeline.core import pairs as P
+from pipeline.core.calibration import candidate_pairs
 
 
 def test_the_pure_pair_functions_on_hand_made_rows():
@@ -21,7 +22,7 @@ def test_the_pure_pair_functions_on_hand_made_rows():
     assert ids == ["a", "b", "c"] and lists == [["c"], ["a"], ["a"]]
     assert P.list_levels(ids, values, rank=3) == {"a": pytest.approx(0.9), "b": pytest.approx(0.6),
                                                  "c": pytest.approx(0.95)}
-    a, b, best = P.candidate_pairs(q, n, s)
+    a, b, best = candidate_pairs(q, n, s)
     assert list(zip(a, b)) == [("a", "b"), ("a", "c")] and best.tolist() == pytest.approx([0.6, 0.95])
     assert P.histogram(np.array([0.951, 0.955, -1.0, 1.0, np.nan])) == {"-1.00": 1, "0.95": 2, "0.99": 1}
 
