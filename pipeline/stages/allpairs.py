@@ -199,7 +199,7 @@ def finish(spark: SparkSession, info: ix.IndexInfo, cands: Candidates, k: int,
     raw = spark.range(0, len(units), numPartitions=max(1, len(units))).mapInPandas(
         _finisher(info.path, info.store_ids(), cands, units, k, dim, vectors_of), schema=schema)
     # Query ids too come from the id map (the stores hold FAISS ids, not image ids).
-    idmap = tables.lookup(spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, S.IMAGE_ID),
+    idmap = tables.lookup(tables.read_id_map(spark, info.path).select(S.FAISS_ID, S.IMAGE_ID),
                           int(info.meta["count"]))
     queries = idmap.select(F.col(S.FAISS_ID).alias("query_faiss_id"), F.col(S.IMAGE_ID).alias(S.QUERY_ID))
     neighbours = idmap.select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID))

@@ -86,13 +86,14 @@ def _die_once(marker: str) -> None:
 
 
 def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame,
-                          views: tuple[int, ...] = ()) -> DataFrame:
+                          views: tuple[int, ...] = (), counted: tuple[int, int] | None = None) -> DataFrame:
     """Embed every ok image of ``images`` (a frame with image_id, content_sha256, content).
 
     Every encoder gives the same table; they differ only in the per-batch function. Each
     distinct content is embedded once: rows with the same ``content_sha256`` (exact copies)
     share the embedding of the first of them (by image id). ``views``: also the embeddings of
     the images rotated by these degrees, in columns :func:`view_column`, from the same decode.
+    ``counted``: (ok rows, their distinct contents) when the caller knows them (one job fewer).
     """
     encoder = registry.encoder_for(config)
     udf = make_embed_udf(config, encoder, views)
@@ -101,14 +102,16 @@ def build_embedding_table(spark: SparkSession, config: Config, images: DataFrame
     ok = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, S.CONTENT, S.PATH)
     same = _same_content().alias(_SAME)
     keys = ok.select(S.IMAGE_ID, S.CONTENT_SHA256, same)
-    counted = keys.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(_SAME).alias("distinct")).first()
-    copies = int(counted["rows"]) - int(counted["distinct"])
+    if counted is None:
+        row = keys.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(_SAME).alias("distinct")).first()
+        counted = (int(row["rows"]), int(row["distinct"]))
+    copies = counted[0] - counted[1]
     todo = ok
     if copies:
         first = keys.groupBy(_SAME).agg(F.min(S.IMAGE_ID).alias(S.IMAGE_ID)).localCheckpoint()
         # Only the (small) ids travel: the rows (with image bytes, when stored) are filtered where they lie.
         chosen = first.select(S.IMAGE_ID)
-        todo = ok.join(F.broadcast(chosen) if int(counted["distinct"]) <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
+        todo = ok.join(F.broadcast(chosen) if counted[1] <= BROADCAST_LIMIT else chosen, S.IMAGE_ID, "left_semi")
         log.info("%d exact copies (same content_sha256) share the embedding of their first image", copies)
     # At least one partition per core, so a small corpus still uses every executor core.
     n = max(todo.rdd.getNumPartitions(), partitions_per_core * spark.sparkContext.defaultParallelism)
@@ -170,23 +173,57 @@ def _ok_digest(images: DataFrame) -> list[int]:
         return _ok_digest_once(images)
 
 
-def _ok_digest_once(images: DataFrame) -> list[int]:
+def _digest_key(images: DataFrame) -> tuple | None:
     try:
         # Part files carry their write job's id, so a rewritten table is a new key.
         key = (images.semanticHash(), tuple(sorted(images.inputFiles())))
     except Exception:  # a frame without files (tests build some in memory): no memo
-        key = None
-    if key is not None and key in _DIGESTS:
-        return list(_DIGESTS[key])
-    ok = images.where(F.col(S.STATUS) == S.STATUS_OK)
-    row = ok.agg(F.count(F.lit(1)).alias("n"),
-                 F.sum(F.crc32(F.concat_ws("/", S.IMAGE_ID, S.CONTENT_SHA256))).alias("h")).first()
-    digest = [int(row["n"]), int(row["h"] or 0)]
-    if key is not None and key[1]:
+        return None
+    return key if key[1] else None
+
+
+def _remember_digest(key: tuple | None, digest: list[int]) -> None:
+    if key is not None:
         if len(_DIGESTS) > 64:
             _DIGESTS.clear()
-        _DIGESTS[key] = digest
+        _DIGESTS[key] = list(digest)
+
+
+def _ok_digest_once(images: DataFrame) -> list[int]:
+    key = _digest_key(images)
+    if key is not None and key in _DIGESTS:
+        return list(_DIGESTS[key])
+    row = images.where(F.col(S.STATUS) == S.STATUS_OK).agg(
+        F.count(F.lit(1)).alias("n"), F.sum(_id_hash()).alias("h")).first()
+    digest = [int(row["n"]), int(row["h"] or 0)]
+    _remember_digest(key, digest)
     return list(digest)
+
+
+def _id_hash():
+    return F.crc32(F.concat_ws("/", S.IMAGE_ID, S.CONTENT_SHA256))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCounts:
+    """What the embed stage needs to know of the image table before embedding."""
+
+    rows: int         # every row (sizes the shuffles)
+    ok: int           # rows to embed
+    distinct_ok: int  # distinct contents among them (exact copies share one embedding)
+
+
+def image_counts(images: DataFrame) -> ImageCounts:
+    """The counts of the image table and its digest (:func:`rotated_meta`), in one job: at
+    2,794 images these were four jobs, one of them after the network's, on the critical path."""
+    ok = F.col(S.STATUS) == S.STATUS_OK
+    row = images.agg(F.count(F.lit(1)).alias("rows"), F.sum(ok.cast("long")).alias("ok"),
+                     F.countDistinct(F.when(ok, _same_content())).alias("distinct"),
+                     F.sum(F.when(ok, _id_hash())).alias("h")).first()
+    counts = ImageCounts(int(row["rows"]), int(row["ok"] or 0), int(row["distinct"]))
+    with _DIGESTS_LOCK:
+        _remember_digest(_digest_key(images), [counts.ok, int(row["h"] or 0)])
+    return counts
 
 
 def _views_for(config: Config, encoder: Encoder) -> tuple[int, ...]:
@@ -268,11 +305,12 @@ def embed(spark: SparkSession, config: Config, incremental: bool = True) -> dict
     ``incremental=False`` embeds everything again (benchmarks that time the model want that).
     """
     images = tables.read_table(spark, storage.Workdir.of(config.workdir).images, "image table")
-    with tables.sized_shuffles(spark, images.count()):
-        return _embed(spark, config, images, incremental)
+    known = image_counts(images)
+    with tables.sized_shuffles(spark, known.rows):
+        return _embed(spark, config, images, incremental, known)
 
 
-def _embed(spark: SparkSession, config: Config, images: DataFrame, incremental: bool) -> dict:
+def _embed(spark: SparkSession, config: Config, images: DataFrame, incremental: bool, known: ImageCounts) -> dict:
     workdir = storage.Workdir.of(config.workdir)
     target = workdir.embeddings(config.embed.backbone)
     tables.recover_table(spark, target)
@@ -287,9 +325,9 @@ def _embed(spark: SparkSession, config: Config, images: DataFrame, incremental: 
     views: tuple[int, ...] = ()
     writes: list = []
     if previous is None:
-        changes = {"reused": 0, "new": ok.count(), "changed": 0, "deleted": 0}
+        changes = {"reused": 0, "new": known.ok, "changed": 0, "deleted": 0}
         views = _views_for(config, registry.encoder_for(config))
-        table = build_embedding_table(spark, config, ok, views)
+        table = build_embedding_table(spark, config, ok, views, counted=(known.ok, known.distinct_ok))
         if views:
             # One pass computes every view; it is kept (executor memory) while the tables are written.
             table = table.localCheckpoint()

@@ -170,7 +170,7 @@ def _write_state_on_driver(spark: SparkSession, config: Config, threshold: float
     state = (emb.select(S.IMAGE_ID, S.CONTENT_SHA256) if dba_on(config) else emb).toPandas()
     if dba_on(config):
         store = rerank.ensure_dba(spark, config, index, lambda kk: _raw_self_search(spark, config, index, kk))
-        image_of = dict(spark.read.parquet(f"{index.path}/idmap").select(S.FAISS_ID, S.IMAGE_ID).toPandas()
+        image_of = dict(tables.read_id_map(spark, index.path).select(S.FAISS_ID, S.IMAGE_ID).toPandas()
                         .itertuples(index=False, name=None))
         rows = store.rows_by_image(index.path, index.store_ids(), image_of)
         images = state[S.IMAGE_ID][state[S.IMAGE_ID].isin(rows.keys())]
@@ -228,7 +228,7 @@ def _dba_state(spark: SparkSession, config: Config, index: ix.IndexInfo) -> Data
     listed = per_unit(True, f"{S.FAISS_ID} long, dba_fids array<long>, {AUG} array<float>, {DBA_SIMS} array<float>")
     lists = per_unit(False, f"{S.FAISS_ID} long, dba_fids array<long>")
     n = int(index.meta["count"])
-    idmap = tables.lookup(spark.read.parquet(f"{path}/idmap").select(S.FAISS_ID, S.IMAGE_ID), n)
+    idmap = tables.lookup(tables.read_id_map(spark, path).select(S.FAISS_ID, S.IMAGE_ID), n)
     # The lists name FAISS ids: to image ids through the id map, keeping each list's order.
     named = (lists.select(S.FAISS_ID, F.posexplode("dba_fids").alias("pos", "nfid"))
              .join(idmap.select(F.col(S.FAISS_ID).alias("nfid"), F.col(S.IMAGE_ID).alias("nid")), "nfid")

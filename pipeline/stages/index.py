@@ -154,12 +154,12 @@ def build_index(spark: SparkSession, config: Config) -> IndexInfo:
     unit_dicts = [u.as_dict() for u in units]
     idmap = spark.range(0, n_shards, numPartitions=n_shards).mapInPandas(
         _shard_builder(staging, description, dim, trained_path, unit_dicts, threads),
-        schema=f"{S.FAISS_ID} long, {S.IMAGE_ID} string, {S.SHARD} int")
+        schema=S.ID_MAP)
     idmap.write.parquet(f"{staging}/idmap")
     timings["shards_seconds"] = time.perf_counter() - t
     shard_stats = [storage.read_json(f"{staging}/shards/shard_{s:05d}.json") for s in range(n_shards)]
     if n_shards > 1:  # ids are unique within a shard (checked by its task); across shards here
-        distinct = spark.read.parquet(f"{staging}/idmap").select(S.FAISS_ID).distinct().count()
+        distinct = tables.read_id_map(spark, staging).select(S.FAISS_ID).distinct().count()
         if distinct != n:
             raise RuntimeError(f"{n - distinct} image ids hash to the FAISS id of another: rename those images")
     storage.write_json(f"{staging}/{UNITS_JSON}", unit_dicts)

@@ -134,6 +134,7 @@ LISTING_SCHEMA = T.StructType([
 ])
 _WALK_FIELDS = [T.StructField("walk_key", T.StringType()), T.StructField("walk_sort", T.BinaryType())]
 LISTING_COLUMNS = LISTING_SCHEMA.fieldNames()
+_LISTED_WITH_WALKS = T.StructType(LISTING_SCHEMA.fields + _WALK_FIELDS)
 
 
 def listing_tasks(uris: list[str]) -> tuple[list[L.Task], list[str]]:
@@ -189,7 +190,7 @@ def listing_frame(spark: SparkSession, uris: list[str], follow_symlinks: bool) -
     tasks, real_roots = listing_tasks(uris)
     rdd = spark.sparkContext.parallelize(tasks, max(1, min(len(tasks), 4 * _parallelism())))
     rows = rdd.mapPartitions(lambda part: (_listing_row(f) for f in run_tasks(part, real_roots, follow_symlinks)))
-    return spark.createDataFrame(rows, T.StructType(LISTING_SCHEMA.fields + _WALK_FIELDS), verifySchema=False)
+    return spark.createDataFrame(rows, _LISTED_WITH_WALKS, verifySchema=False)
 
 
 def first_walks_only(raw: DataFrame) -> DataFrame:
@@ -415,7 +416,7 @@ def ingest(spark: SparkSession, config: Config) -> IngestReport:
     scratch = f"{workdir.images}.listing-{uuid.uuid4().hex[:12]}"
     try:
         listing_frame(spark, config.ingest.input, config.ingest.follow_symlinks).write.parquet(scratch)
-        listed = first_walks_only(spark.read.parquet(scratch))
+        listed = first_walks_only(spark.read.schema(_LISTED_WITH_WALKS).parquet(scratch))
         n = listed.count()
         # Every job from here on is over about n files: its shuffles are sized from them.
         with tables.sized_shuffles(spark, n):

@@ -143,7 +143,7 @@ def _search(spark: SparkSession, config: Config, info: ix.IndexInfo, k: int, que
         order = Window.partitionBy(S.QUERY_ID).orderBy(F.desc(S.SIMILARITY), F.col(S.FAISS_ID))
         raw = (raw.withColumn(S.RANK, (F.row_number().over(order) - 1).cast("int"))
                .where(F.col(S.RANK) < k))
-    idmap = tables.lookup(spark.read.parquet(f"{info.path}/idmap").select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID)),
+    idmap = tables.lookup(tables.read_id_map(spark, info.path).select(S.FAISS_ID, F.col(S.IMAGE_ID).alias(S.NEIGHBOR_ID)),
                           int(info.meta["count"]))
     return raw.join(idmap, S.FAISS_ID).select(S.QUERY_ID, S.NEIGHBOR_ID, S.RANK, S.SIMILARITY)
 

@@ -28,7 +28,9 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
 
+from pipeline import schemas as S
 from pipeline.core.storage import METADATA_FILE, write_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ def write_table(df: DataFrame, uri: str, *, max_records_per_file: int | None = N
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     _write_staged(df.sparkSession, uri, writer.parquet, metadata)
+    if not partition_by:
+        _remember_schema(df.sparkSession, uri, as_read_back(df.schema))
 
 
 def _write_staged(spark: SparkSession, uri: str, write: Callable[[str], None], metadata: dict[str, Any] | None) -> None:
@@ -139,9 +143,35 @@ def remove(spark: SparkSession, uri: str) -> None:
 # Reading Parquet without a schema runs a Spark job that infers it (0.1 s with its planning; a
 # default run reads its tables 17 times). A committed table is only ever replaced whole, by a
 # write whose data files have new names (Spark puts the write's id in them), so the schema
-# Spark inferred is kept per (application, table, data file names) and given to later reads.
+# is kept per (application, table, data file names) and given to later reads: the schema
+# Spark wrote (:func:`write_table`), else the one it inferred on the first read.
 _SCHEMAS: dict[tuple, Any] = {}
 _SCHEMAS_MAX = 256
+
+
+def as_read_back(schema: T.StructType) -> T.StructType:
+    """``schema`` as Spark infers it from the Parquet files it wrote: every field, array element
+    and map value nullable (Spark's writer relaxes them all, with field metadata kept)."""
+    def relaxed(node):
+        if isinstance(node, list):
+            return [relaxed(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: relaxed(v) for k, v in node.items()}
+        for flag in ("nullable", "containsNull", "valueContainsNull"):
+            if flag in out:
+                out[flag] = True
+        return out
+
+    return T.StructType.fromJson(relaxed(schema.jsonValue()))
+
+
+def _remember_schema(spark: SparkSession, uri: str, schema: T.StructType) -> None:
+    files = _data_files(spark, uri)
+    if files:
+        if len(_SCHEMAS) >= _SCHEMAS_MAX:
+            _SCHEMAS.pop(next(iter(_SCHEMAS)))
+        _SCHEMAS[(spark.sparkContext.applicationId, uri.rstrip("/"), files)] = schema
 
 
 def _data_files(spark: SparkSession, uri: str) -> tuple[str, ...]:
@@ -167,10 +197,14 @@ def read_table(spark: SparkSession, uri: str, what: str) -> DataFrame:
         return spark.read.schema(schema).parquet(uri)
     frame = spark.read.parquet(uri)
     if files:
-        if len(_SCHEMAS) >= _SCHEMAS_MAX:
-            _SCHEMAS.pop(next(iter(_SCHEMAS)))
-        _SCHEMAS[key] = frame.schema
+        _remember_schema(spark, uri, frame.schema)
     return frame
+
+
+def read_id_map(spark: SparkSession, index_path: str) -> DataFrame:
+    """An index's FAISS id -> image id table (written by Spark and appended to by pyarrow), read
+    with its declared schema: no job to infer it."""
+    return spark.read.schema(as_read_back(S.ID_MAP)).parquet(f"{index_path}/idmap")
 
 
 def clean_stale_staging(spark: SparkSession, parent: str) -> None:

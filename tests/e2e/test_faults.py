@@ -125,6 +125,39 @@ def test_a_replaced_table_is_read_with_its_own_schema(spark, tmp_path):
     assert tables.read_table(spark, uri, "image table").columns == ["z", "p"]
 
 
+def test_a_written_table_is_read_back_with_the_schema_spark_infers_without_a_job(spark, tmp_path):
+    """write_table keeps the schema of what it wrote, relaxed as Spark's Parquet writer relaxes it,
+    so the first read of a new table needs no inference job; that schema must be the inferred one."""
+    from pyspark.sql import types as T
+
+    from pipeline import schemas as S
+
+    nested = T.StructType([
+        T.StructField("v", T.ArrayType(T.FloatType(), False), False, {"note": "kept"}),
+        T.StructField("m", T.MapType(T.StringType(), T.LongType(), False), False),
+        T.StructField("s", T.StructType([T.StructField("a", T.IntegerType(), False)]), False),
+    ])
+    frames = {"nested": spark.createDataFrame([([1.0, 2.0], {"k": 1}, (3,))], nested)}
+    for name in ("IMAGE_TABLE", "EMBEDDING_TABLE", "PAIRS_TABLE", "GROUPS_TABLE", "NEIGHBORS_TABLE", "ID_MAP"):
+        frames[name] = spark.createDataFrame([], getattr(S, name))
+    tracker = spark.sparkContext.statusTracker()
+    for name, frame in frames.items():
+        uri = str(tmp_path / name)
+        tables.write_table(frame, uri)
+        spark.sparkContext.setJobGroup(f"read-{name}", "first read")
+        kept = tables.read_table(spark, uri, name).schema
+        assert tracker.getJobIdsForGroup(f"read-{name}") == [], name
+        assert kept == spark.read.parquet(uri).schema, name
+    assert tables.read_table(spark, str(tmp_path / "nested"), "t").collect()[0]["v"] == [1.0, 2.0]
+    # An index's id map (also appended to by pyarrow) is read with its declared schema.
+    frames["ID_MAP"].write.parquet(str(tmp_path / "index" / "idmap"))
+    spark.sparkContext.setJobGroup("read-id-map", "declared schema")
+    declared = tables.read_id_map(spark, str(tmp_path / "index")).schema
+    assert tracker.getJobIdsForGroup("read-id-map") == []
+    assert declared == spark.read.parquet(str(tmp_path / "index" / "idmap")).schema
+    spark.sparkContext.setJobGroup("after", "after")
+
+
 def test_a_table_without_success_is_a_clear_error(spark, tmp_path):
     config = make_config(tmp_path / "work")
     uri = _images_uri(config)

@@ -82,3 +82,22 @@ def test_concurrent_digests_of_one_image_table_run_its_job_once(spark, tmp_path)
     assert together == alone * 4 and alone[0][0] == 40
     jobs_alone = len(tracker.getJobIdsForGroup("digest-alone"))
     assert jobs_alone >= 1 and len(tracker.getJobIdsForGroup("digest-together")) == jobs_alone
+
+
+def test_image_counts_give_the_digest_without_another_job(spark, tmp_path):
+    """The embed stage counts the image table once; the rotated tables' digest comes from that job."""
+    path = str(tmp_path / "images")
+    rows = [(f"id{i}", f"{i % 7:064x}", S.STATUS_OK) for i in range(30)]  # 7 distinct contents
+    rows += [(f"bad{i}", None, S.STATUS_ERROR) for i in range(4)]
+    spark.createDataFrame(rows, f"{S.IMAGE_ID} string, {S.CONTENT_SHA256} string, {S.STATUS} string").write.parquet(path)
+    images = spark.read.parquet(path)
+    tracker = spark.sparkContext.statusTracker()
+    em._DIGESTS.clear()
+    assert em.image_counts(images) == em.ImageCounts(rows=34, ok=30, distinct_ok=7)
+    spark.sparkContext.setJobGroup("digest-after-counts", "digest")
+    seeded = em._ok_digest(images)
+    assert tracker.getJobIdsForGroup("digest-after-counts") == []
+    em._DIGESTS.clear()
+    spark.sparkContext.setJobGroup("digest-alone", "digest")
+    assert em._ok_digest(images) == seeded and seeded[0] == 30
+    assert tracker.getJobIdsForGroup("digest-alone")
