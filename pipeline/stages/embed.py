@@ -217,9 +217,14 @@ def image_counts(images: DataFrame) -> ImageCounts:
     """The counts of the image table and its digest (:func:`rotated_meta`), in one job: at
     2,794 images these were four jobs, one of them after the network's, on the critical path."""
     ok = F.col(S.STATUS) == S.STATUS_OK
-    row = images.agg(F.count(F.lit(1)).alias("rows"), F.sum(ok.cast("long")).alias("ok"),
-                     F.countDistinct(F.when(ok, _same_content())).alias("distinct"),
-                     F.sum(F.when(ok, _id_hash())).alias("h")).first()
+    spark = images.sparkSession
+    # Before the table's size is known: its shuffle as wide as its scan, without adaptive
+    # execution (which runs each shuffle stage as a job of its own: three jobs here).
+    width = max(spark.sparkContext.defaultParallelism, images.rdd.getNumPartitions())
+    with tables.session_settings(spark, {tables.SHUFFLE_PARTITIONS: str(width), tables.ADAPTIVE: "false"}):
+        row = images.agg(F.count(F.lit(1)).alias("rows"), F.sum(ok.cast("long")).alias("ok"),
+                         F.countDistinct(F.when(ok, _same_content())).alias("distinct"),
+                         F.sum(F.when(ok, _id_hash())).alias("h")).first()
     counts = ImageCounts(int(row["rows"]), int(row["ok"] or 0), int(row["distinct"]))
     with _DIGESTS_LOCK:
         _remember_digest(_digest_key(images), [counts.ok, int(row["h"] or 0)])
