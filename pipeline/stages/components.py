@@ -211,4 +211,5 @@ class _Checkpointer:
         if kind in self.previous:
             tables.remove(self.spark, self.previous[kind])
         self.previous[kind] = path
-        return self.spark.read.parquet(path)
+        # Read back with the schema just written: no job to infer it at every iteration.
+        return self.spark.read.schema(tables.as_read_back(df.schema)).parquet(path)
